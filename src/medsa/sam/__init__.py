@@ -1,1 +1,41 @@
-"""medsa.sam"""
+"""medsa.sam: SAM backbones (ViT-B/L/H, TinyViT for LiteMedSAM), prompt encoder, mask decoder,
+strict checkpoint loading (:func:`build_sam`), :class:`SamPredictor` and automatic mask generation.
+
+Public names are resolved lazily so that ``import medsa.sam`` stays cheap until one is used.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "ViTConfig": "image_encoder",
+    "ImageEncoderViT": "image_encoder",
+    "TinyViT": "tiny_vit",
+    "TinyViTConfig": "tiny_vit",
+    "PromptEncoder": "prompt_encoder",
+    "MaskDecoder": "mask_decoder",
+    "TwoWayTransformer": "transformer",
+    "Sam": "sam",
+    "SamConfig": "build",
+    "build_sam": "build",
+    "get_config": "build",
+    "MODEL_NAMES": "build",
+    "SamPredictor": "predictor",
+    "ResizeLongestSide": "transforms",
+    "AutomaticMaskGenerator": "automatic",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        module = importlib.import_module(f"{__name__}.{_EXPORTS[name]}")
+        return getattr(module, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

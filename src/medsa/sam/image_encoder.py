@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .common import LayerNorm2d, MLPBlock
+from .fast_attention import ATTENTION_IMPLS, default_attention_impl, rel_pos_attention
 
 __all__ = [
     "VIT_PRESETS",
@@ -51,6 +52,9 @@ class ViTConfig:
     window_size: int = 14
     global_attn_indexes: tuple[int, ...] = (2, 5, 8, 11)
     layer_norm_eps: float = 1e-6
+    # "sdpa_folded" (rel-pos bias folded into q/k, fused SDPA kernels), "sdpa_bias" (bias as
+    # attn_mask) or "explicit" (segment-anything's math); see medsa.sam.fast_attention.
+    attention_impl: str = default_attention_impl()
 
     @property
     def embedding_size(self) -> int:
@@ -202,8 +206,15 @@ class Attention(nn.Module):
         qkv_bias: bool = True,
         use_rel_pos: bool = False,
         input_size: tuple[int, int] | None = None,
+        attention_impl: str = default_attention_impl(),
     ) -> None:
         super().__init__()
+        if attention_impl not in ATTENTION_IMPLS:
+            raise ValueError(
+                f"attention_impl must be one of {ATTENTION_IMPLS}, got {attention_impl!r}"
+            )
+        # Plain attribute so it can be switched on a built model (medsa.engine.perf.set_attention_impl).
+        self.attention_impl = attention_impl
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
         self.scale = self.head_dim**-0.5
@@ -230,10 +241,20 @@ class Attention(nn.Module):
             qkv = qkv + self.qkv_delta(x)
         # (3, B, nH, HW, hd)
         q, k, v = qkv.reshape(b, h * w, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
-        bias = None
         if use_rel_pos and self.use_rel_pos:
-            bias = decomposed_rel_pos_bias(q, self.rel_pos_h, self.rel_pos_w, (h, w), (h, w))
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+            out = rel_pos_attention(
+                q,
+                k,
+                v,
+                self.scale,
+                self.rel_pos_h,
+                self.rel_pos_w,
+                (h, w),
+                (h, w),
+                impl=self.attention_impl,
+            )
+        else:
+            out = F.scaled_dot_product_attention(q, k, v)
         out = out.transpose(1, 2).reshape(b, h, w, c)
         y = self.proj(out)
         if self.proj_delta is not None:
@@ -273,6 +294,7 @@ class Block(nn.Module):
         use_rel_pos: bool = False,
         window_size: int = 0,
         input_size: tuple[int, int] | None = None,
+        attention_impl: str = default_attention_impl(),
     ) -> None:
         super().__init__()
         self.norm1 = norm_layer(dim)
@@ -282,6 +304,7 @@ class Block(nn.Module):
             qkv_bias=qkv_bias,
             use_rel_pos=use_rel_pos,
             input_size=input_size if window_size == 0 else (window_size, window_size),
+            attention_impl=attention_impl,
         )
         self.norm2 = norm_layer(dim)
         self.mlp = MLPBlock(embedding_dim=dim, mlp_dim=int(dim * mlp_ratio), act=act_layer)
@@ -363,6 +386,7 @@ class ImageEncoderViT(nn.Module):
                 use_rel_pos=cfg.use_rel_pos,
                 window_size=0 if i in cfg.global_attn_indexes else cfg.window_size,
                 input_size=(grid, grid),
+                attention_impl=cfg.attention_impl,
             )
             for i in range(cfg.depth)
         )

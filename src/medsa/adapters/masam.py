@@ -1,0 +1,87 @@
+"""MA-SAM prompt-free multi-class decoder with progressive x16 upsampling."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+from .modules import AdapterModule
+
+__all__ = ["MASAMDecoder"]
+
+
+class _LayerNorm2d(nn.Module):
+    """LayerNorm over channels of ``(B, C, H, W)`` (same maths as SAM's ``LayerNorm2d``)."""
+
+    def __init__(self, channels: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(channels))
+        self.bias = nn.Parameter(torch.zeros(channels))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        u = x.mean(1, keepdim=True)
+        s = (x - u).pow(2).mean(1, keepdim=True)
+        x = (x - u) / torch.sqrt(s + self.eps)
+        return self.weight[:, None, None] * x + self.bias[:, None, None]
+
+
+class MASAMDecoder(AdapterModule):
+    """MA-SAM decoder: image embeddings ``(B, C, h, w)`` -> class logits ``(B, K, 16h, 16w)``.
+
+    Built around SAM's mask decoder as MA-SAM does: it runs SAM's (shared, fully fine-tuned)
+    two-way ``transformer`` and ``output_upscaling`` (x4) without any prompt, with one learned
+    token per class instead of SAM's mask tokens, and adds two more transposed-convolution
+    stages (x2 each, keeping SAM's ``C/8`` mask channels) so the logits come out at the input
+    resolution (x16 of the embedding grid) rather than SAM's x4 low-resolution masks. Class
+    tokens and hypernetwork MLPs start as copies of SAM's pre-trained mask tokens / MLPs (cycled
+    when ``K`` > 4). The dense embedding is a trainable copy of the prompt encoder's
+    "no mask" embedding and the positional encoding a copy of its random-Fourier ``pe_layer``.
+
+    Use ``K = num_classes`` including background for a softmax/CE loss.
+    """
+
+    kind = "masam_decoder"
+
+    def __init__(
+        self, mask_decoder: nn.Module, prompt_encoder: nn.Module, num_classes: int
+    ) -> None:
+        super().__init__()
+        c = int(mask_decoder.transformer_dim)
+        self.num_classes = int(num_classes)
+        self.transformer = mask_decoder.transformer  # shared with the promptable decoder
+        self.output_upscaling = mask_decoder.output_upscaling  # shared, pre-trained x4
+        n_src = mask_decoder.num_mask_tokens
+        src_tokens = mask_decoder.mask_tokens.weight.detach()
+        self.class_tokens = nn.Parameter(
+            torch.stack([src_tokens[i % n_src] for i in range(self.num_classes)]).clone()
+        )
+        self.hypernetworks = nn.ModuleList(
+            copy.deepcopy(mask_decoder.output_hypernetworks_mlps[i % n_src])
+            for i in range(self.num_classes)
+        )
+        mc = c // 8
+        self.extra_upscaling = nn.Sequential(
+            nn.ConvTranspose2d(mc, mc, kernel_size=2, stride=2),
+            _LayerNorm2d(mc),
+            nn.GELU(),
+            nn.ConvTranspose2d(mc, mc, kernel_size=2, stride=2),
+            nn.GELU(),
+        )
+        self.dense_embed = nn.Parameter(prompt_encoder.no_mask_embed.weight.detach().clone())
+        self.pe_layer = copy.deepcopy(prompt_encoder.pe_layer)
+
+    def forward(self, image_embeddings: torch.Tensor) -> torch.Tensor:
+        """``(B, C, h, w)`` -> logits ``(B, num_classes, 16h, 16w)``."""
+        b, c, h, w = image_embeddings.shape
+        pe = self.pe_layer((h, w)).unsqueeze(0).to(image_embeddings.dtype)  # (1, C, h, w)
+        src = image_embeddings + self.dense_embed.reshape(1, c, 1, 1)
+        tokens = self.class_tokens.unsqueeze(0).expand(b, -1, -1)  # (B, K, C)
+        hs, keys = self.transformer(src, pe.expand(b, -1, -1, -1), tokens)
+        feat = keys.transpose(1, 2).reshape(b, c, h, w)
+        feat = self.extra_upscaling(self.output_upscaling(feat))  # (B, C/8, 16h, 16w)
+        hyper = torch.stack([mlp(hs[:, i]) for i, mlp in enumerate(self.hypernetworks)], dim=1)
+        _, mc, H, W = feat.shape
+        return (hyper @ feat.reshape(b, mc, H * W)).reshape(b, self.num_classes, H, W)

@@ -7,6 +7,7 @@ from functools import partial
 
 import pytest
 import torch
+from sam_helpers import randomise
 from torch import nn
 
 from medsa.sam.image_encoder import VIT_PRESETS, Block, ImageEncoderViT, ViTConfig
@@ -29,14 +30,6 @@ def meta_encoder(cfg: ViTConfig) -> nn.Module:
         window_size=cfg.window_size,
         global_attn_indexes=cfg.global_attn_indexes,
     )
-
-
-def randomise(module: nn.Module, seed: int = 0) -> None:
-    """Random weights everywhere (rel-pos and pos-embed default to zeros, which would hide bugs)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.2)
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,592 @@
+"""``medsa evaluate``: Dice / IoU / HD95 / NSD under the papers' prompt protocols.
+
+For every case, class, protocol and seed a prompt is simulated from the ground truth
+(:mod:`medsa.data.prompts`), the model predicts, and the metrics of :mod:`medsa.engine.metrics`
+are computed -- on the whole volume for 3D data, where every slice that contains the class gets
+its own prompt and the others stay empty (Med-SA prompts each slice). The image encoder runs once
+per image / slice and is shared by all protocols, seeds and classes.
+
+Outputs in ``--out``: ``metrics.csv`` (one row per case x class x protocol x seed),
+``summary.json``, ``results.md`` (paper-style table), ``dice_per_class.png``, ``noc.png``
+(Dice vs number of clicks) and ``worst_cases.png``. See docs/evaluation.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+import zlib
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from medsa.engine.inference import (
+    PROTOCOLS,
+    _decode_one,
+    _rgb,
+    add_click,
+    as_predictor,
+    best_overlap_mask,
+    decode_prompts,
+    from_data_prompt,
+    segment_everything,
+    to_uint8,
+)
+from medsa.engine.metrics import MetricConfig, compute_metrics
+from medsa.errors import CheckpointError, ConfigError, DataError
+
+HELP = "Dice / IoU / HD95 / NSD of a model under the papers' prompt protocols"
+
+__all__ = ["HELP", "EvalConfig", "EvalResults", "evaluate_model", "add_arguments", "main"]
+
+DEFAULT_PROTOCOLS: tuple[str, ...] = ("1pt", "3pt", "bbox0.5", "bbox0.75")
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """Evaluation settings.
+
+    Attributes:
+        protocols: prompt protocols (``1pt``, ``3pt``, ``bbox0.5``, ``bbox0.75``, ``everything``).
+        seeds: prompt-simulation seeds; results are ``mean ± std`` over seeds (paper Table 10).
+        classes: class names to evaluate (None: all classes of the dataset).
+        max_cases: evaluate only the first N cases (None: all).
+        metrics: metric settings (NSD tolerance, HD95 empty policy).
+        noc_clicks: clicks of the NoC curve (iterative clicks, first seed); 0 disables it.
+        worst_k: number of worst cases drawn in ``worst_cases.png`` (0 disables).
+        everything_points_per_side: point-grid density of "everything" mode.
+    """
+
+    protocols: tuple[str, ...] = DEFAULT_PROTOCOLS
+    seeds: tuple[int, ...] = (0,)
+    classes: tuple[str, ...] | None = None
+    max_cases: int | None = None
+    metrics: MetricConfig = field(default_factory=MetricConfig)
+    noc_clicks: int = 5
+    worst_k: int = 4
+    everything_points_per_side: int = 16
+
+    def __post_init__(self) -> None:
+        if not self.protocols:
+            raise ConfigError("at least one protocol is needed")
+        bad = [p for p in self.protocols if p not in PROTOCOLS]
+        if bad:
+            raise ConfigError(f"unknown protocol {bad[0]!r}; choose from {', '.join(PROTOCOLS)}")
+        if len(set(self.protocols)) != len(self.protocols):
+            raise ConfigError(f"protocols are repeated: {', '.join(self.protocols)}")
+        if not self.seeds:
+            raise ConfigError("at least one seed is needed")
+        if self.max_cases is not None and self.max_cases < 1:
+            raise ConfigError(f"max_cases must be >= 1, got {self.max_cases}")
+        if self.noc_clicks < 0 or self.worst_k < 0:
+            raise ConfigError("noc_clicks and worst_k must be >= 0")
+
+
+@dataclass
+class EvalResults:
+    """Result of :func:`evaluate_model`.
+
+    Attributes:
+        rows: one dict per case x class x protocol x seed with ``CSV_FIELDS`` keys.
+        summary: :func:`medsa.engine.report.summarize` of the rows.
+        noc: ``{class: [mean Dice after 1..K clicks]}`` (empty if disabled).
+        worst: the worst (lowest Dice) cases, ``(case_id, class, protocol, seed, dice)``.
+        config: the :class:`EvalConfig` used.
+        seconds: wall time.
+    """
+
+    rows: list[dict[str, Any]]
+    summary: dict[str, Any]
+    noc: dict[str, list[float]]
+    worst: list[tuple[str, str, str, int, float]]
+    config: EvalConfig
+    seconds: float = 0.0
+    #: image / gt / pred slices of the worst cases (``keep_worst=True``), for the overlay plot
+    worst_items: list[dict[str, Any]] = field(default_factory=list, repr=False)
+
+    def mean_dice(self, protocol: str | None = None) -> float:
+        """Average Dice over classes (and seeds) for ``protocol`` (default: the first one)."""
+        prot = protocol or next(iter(self.summary))
+        return float(self.summary[prot]["avg"]["dice"]["mean"])
+
+
+def _rng(seed: int, case_id: str, class_name: str, protocol: str) -> np.random.Generator:
+    """Independent, reproducible stream per (seed, case, class, protocol) -- stable across runs
+    and independent of evaluation order or which other protocols are run."""
+    key = [
+        seed,
+        zlib.crc32(case_id.encode()),
+        zlib.crc32(class_name.encode()),
+        zlib.crc32(protocol.encode()),
+    ]
+    return np.random.default_rng(key)
+
+
+def _slices(image_array: np.ndarray, dim: int) -> tuple[np.ndarray, bool]:
+    """Return the intensity array as ``(D, H, W)`` (3D) or ``(H, W[, 3])`` (2D) and is_3d."""
+    a = np.asarray(image_array)
+    if dim == 3:
+        if a.ndim == 4:  # (C, D, H, W): SAM sees one channel; use the first (e.g. T1 / CT)
+            a = a[0]
+        if a.ndim != 3:
+            raise DataError(f"expected a volume (D, H, W), got shape {a.shape}")
+        return a, True
+    if a.ndim == 3 and a.shape[-1] not in (1, 3, 4):
+        raise DataError(f"expected a 2D image (H, W) or (H, W, 3), got shape {a.shape}")
+    return a, False
+
+
+def _spacing(img: Any, ndim: int) -> tuple[float, ...]:
+    sp = getattr(img, "spacing", None)
+    if sp is None:
+        return (1.0,) * ndim
+    sp = tuple(float(s) for s in sp)
+    return sp[-ndim:] if len(sp) >= ndim else (1.0,) * ndim
+
+
+def evaluate_model(
+    model: Any,
+    dataset: Any,
+    protocols: Sequence[str] | None = None,
+    seeds: Sequence[int] | None = None,
+    case_ids: Iterable[str] | None = None,
+    config: EvalConfig | None = None,
+    progress: bool = False,
+    keep_worst: bool = False,
+) -> EvalResults:
+    """Evaluate ``model`` (a :class:`medsa.sam.Sam` or a ``SamPredictor``) on ``dataset``.
+
+    Args:
+        dataset: a ``medsa.data.datasets.DatasetInfo`` (``load_dataset``) or a dataset folder.
+        protocols, seeds: override ``config.protocols`` / ``config.seeds``.
+        case_ids: restrict to these cases (e.g. a validation fold); default all.
+        progress: print one line per case.
+        keep_worst: keep image / prediction of the worst cases for :func:`plot_overlays`.
+    Returns:
+        :class:`EvalResults` (rows per case x class x protocol x seed, summary, NoC curve).
+    """
+    from medsa.engine.report import summarize
+
+    cfg = config or EvalConfig()
+    if protocols is not None or seeds is not None:
+        cfg = EvalConfig(
+            **{
+                **_cfg_fields(cfg),
+                "protocols": tuple(protocols or cfg.protocols),
+                "seeds": tuple(int(s) for s in (seeds or cfg.seeds)),
+            }
+        )
+    ds = _load_dataset(dataset)
+    classes = _select_classes(ds, cfg.classes)
+    cases = list(ds.cases)
+    if case_ids is not None:
+        wanted = list(dict.fromkeys(str(c) for c in case_ids))
+        by_id = {c.id: c for c in cases}
+        missing = [c for c in wanted if c not in by_id]
+        if missing:
+            raise DataError(f"case {missing[0]!r} is not in the dataset {ds.root}")
+        cases = [by_id[c] for c in wanted]
+    if cfg.max_cases is not None:
+        cases = cases[: cfg.max_cases]
+    if not cases:
+        raise DataError("no cases to evaluate")
+
+    predictor = as_predictor(model)
+    model_obj = getattr(predictor, "model", model)
+    was_training = bool(getattr(model_obj, "training", False))
+    if hasattr(model_obj, "eval"):
+        model_obj.eval()
+    t0 = time.perf_counter()
+    rows: list[dict[str, Any]] = []
+    noc_sum: dict[str, np.ndarray] = {}
+    noc_n: dict[str, int] = {}
+    worst_store: list[dict[str, Any]] = []
+    try:
+        import torch
+
+        with torch.inference_mode():
+            for i, case in enumerate(cases):
+                case_rows, noc, store = _evaluate_case(
+                    predictor, ds, case, classes, cfg, keep_worst
+                )
+                rows += case_rows
+                for cls, curve in noc.items():
+                    noc_sum[cls] = noc_sum.get(cls, 0) + np.asarray(curve)
+                    noc_n[cls] = noc_n.get(cls, 0) + 1
+                worst_store += store
+                if keep_worst:  # keep memory bounded: only the current worst candidates
+                    worst_store.sort(key=lambda s: s["dice"])
+                    del worst_store[cfg.worst_k :]
+                if progress:
+                    d = [r["dice"] for r in case_rows]
+                    print(
+                        f"[{i + 1}/{len(cases)}] {case.id}: mean Dice {np.mean(d):.3f}", flush=True
+                    )
+    finally:
+        if was_training and hasattr(model_obj, "train"):
+            model_obj.train()
+    rows_sorted = sorted(rows, key=lambda r: r["dice"])
+    worst = [
+        (r["case_id"], r["class"], r["protocol"], r["seed"], r["dice"])
+        for r in rows_sorted[: cfg.worst_k]
+    ]
+    res = EvalResults(
+        rows=rows,
+        summary=summarize(rows),
+        noc={c: (noc_sum[c] / noc_n[c]).tolist() for c in noc_sum},
+        worst=worst,
+        config=cfg,
+        seconds=time.perf_counter() - t0,
+        worst_items=worst_store,
+    )
+    return res
+
+
+def _cfg_fields(cfg: EvalConfig) -> dict[str, Any]:
+    return {f: getattr(cfg, f) for f in cfg.__dataclass_fields__}
+
+
+def _load_dataset(dataset: Any) -> Any:
+    if isinstance(dataset, (str, Path)):
+        from medsa.data.datasets import load_dataset
+
+        return load_dataset(dataset)
+    return dataset
+
+
+def _select_classes(ds: Any, wanted: Sequence[str] | None) -> list[str]:
+    names = list(ds.classes)
+    if not wanted:
+        return names
+    bad = [c for c in wanted if c not in names]
+    if bad:
+        raise ConfigError(f"unknown class {bad[0]!r}; the dataset has {', '.join(names)}")
+    return list(wanted)
+
+
+def _evaluate_case(
+    predictor: Any, ds: Any, case: Any, classes: list[str], cfg: EvalConfig, keep: bool
+) -> tuple[list[dict[str, Any]], dict[str, list[float]], list[dict[str, Any]]]:
+    from medsa.data.prompts import get_protocol, next_click
+
+    img, targets = ds.load_case(case)
+    arr, is_3d = _slices(img.array, 3 if getattr(ds, "dim", 2) == 3 else 2)
+    gts = {}
+    for c in classes:
+        if c not in targets:
+            raise DataError(f"case {case.id!r} has no label for class {c!r}")
+        g = np.asarray(targets[c], dtype=bool)
+        gts[c] = g if is_3d else g.reshape(g.shape[-2:])
+    ref = next(iter(gts.values()))
+    spatial = arr.shape if is_3d else arr.shape[:2]
+    if ref.shape != tuple(spatial):
+        raise DataError(
+            f"case {case.id!r}: label shape {ref.shape} != image shape {tuple(spatial)}"
+        )
+    spacing = _spacing(img, ref.ndim)
+    vol8 = to_uint8(arr)  # one intensity window per case (shared by all slices of a volume)
+    slices = range(arr.shape[0]) if is_3d else [None]
+    combos = [(p, s, c) for p in cfg.protocols for s in cfg.seeds for c in classes]
+    preds = {k: np.zeros(ref.shape, dtype=bool) for k in combos}
+    rngs = {k: _rng(k[1], case.id, k[2], k[0]) for k in combos}
+    protocol_fns = {p: get_protocol(p) for p in cfg.protocols if p != "everything"}
+    noc_masks = {
+        c: [np.zeros(ref.shape, dtype=bool) for _ in range(cfg.noc_clicks)] for c in classes
+    }
+    noc_rngs = {c: _rng(cfg.seeds[0], case.id, c, "noc") for c in classes}
+
+    for z in slices:
+        gt2 = {c: (g[z] if z is not None else g) for c, g in gts.items()}
+        if not any(m.any() for m in gt2.values()):
+            continue  # no target on this slice: no prompt, prediction stays empty
+        predictor.set_image(_rgb(vol8[z] if z is not None else vol8))
+        auto = None
+        todo, prompts = [], []
+        for combo in combos:
+            prot, seed, cls = combo
+            m = gt2[cls]
+            if not m.any():
+                continue
+            if prot == "everything":
+                if auto is None:  # deterministic: one run serves every seed and class
+                    auto = segment_everything(
+                        predictor,
+                        vol8[z] if z is not None else vol8,
+                        points_per_side=cfg.everything_points_per_side,
+                    )
+                _put(preds[combo], z, best_overlap_mask(auto, m))
+            else:
+                todo.append(combo)
+                prompts.append(from_data_prompt(protocol_fns[prot](m, rngs[combo])))
+        if prompts:
+            out, _, _ = decode_prompts(predictor, prompts)
+            for combo, mk in zip(todo, out, strict=True):
+                _put(preds[combo], z, mk)
+        if cfg.noc_clicks:
+            for cls, m in gt2.items():
+                if m.any():
+                    series = _click_series(
+                        predictor, m, cfg.noc_clicks, noc_rngs[cls], get_protocol("1pt"), next_click
+                    )
+                    for k, mk in enumerate(series):
+                        _put(noc_masks[cls][k], z, mk)
+
+    rows = []
+    store = []
+    for prot, seed, cls in combos:
+        met = compute_metrics(preds[(prot, seed, cls)], gts[cls], spacing, cfg.metrics)
+        rows.append({"case_id": case.id, "class": cls, "protocol": prot, "seed": int(seed), **met})
+        if keep:
+            g = gts[cls]
+            z = int(np.argmax(g.reshape(g.shape[0], -1).sum(1))) if is_3d else None
+            store.append(
+                {
+                    "dice": met["dice"],
+                    "image": vol8[z] if z is not None else vol8,
+                    "gt": g[z] if z is not None else g,
+                    "pred": preds[(prot, seed, cls)][z]
+                    if z is not None
+                    else preds[(prot, seed, cls)],
+                    "title": f"{case.id} {cls} {prot} s{seed}"
+                    + (f" z={z}" if z is not None else "")
+                    + f"\nDice {met['dice']:.2f}",
+                }
+            )
+    noc: dict[str, list[float]] = {}
+    if cfg.noc_clicks:
+        from medsa.engine.metrics import dice
+
+        noc = {c: [dice(mk, gts[c]) for mk in noc_masks[c]] for c in classes if gts[c].any()}
+    return rows, noc, store
+
+
+def _put(volume: np.ndarray, z: int | None, mask: np.ndarray) -> None:
+    """Write a 2D prediction into ``volume`` (slice ``z``) or over a 2D array (``z`` None)."""
+    if z is None:
+        volume[...] = mask
+    else:
+        volume[z] = mask
+
+
+def _click_series(
+    predictor: Any,
+    target: np.ndarray,
+    n: int,
+    rng: np.random.Generator,
+    first_fn: Any,
+    next_click: Any,
+) -> list[np.ndarray]:
+    """Masks after 1..n clicks on the image already set in ``predictor`` (see
+    :func:`medsa.engine.inference.iterate_clicks`); the previous logits are fed back."""
+    prompt = from_data_prompt(first_fn(target, rng))
+    out: list[np.ndarray] = []
+    for i in range(n):
+        mask, _, logits = _decode_one(predictor, prompt)
+        out.append(mask)
+        if i == n - 1:
+            break
+        nc = next_click(mask, target, rng)
+        if nc is None:  # already perfect: the curve stays flat
+            out += [mask] * (n - 1 - i)
+            break
+        prompt = add_click(prompt, nc[0], nc[1], logits)
+    return out
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--data", required=True, type=Path, help="dataset folder (any layout medsa.data supports)"
+    )
+    p.add_argument(
+        "--split",
+        type=Path,
+        help="splits JSON (from training / make_splits) or a text file of case ids",
+    )
+    p.add_argument(
+        "--fold", type=int, help="fold of --split whose 'val' cases are evaluated (default 0)"
+    )
+    p.add_argument("--backbone", default="lite_medsam", help="SAM backbone (default: lite_medsam)")
+    p.add_argument("--checkpoint", type=Path, help="backbone weights (default: the backbone's own)")
+    p.add_argument(
+        "--adapter", type=Path, help="adapter file saved by 'medsa train' (.safetensors)"
+    )
+    p.add_argument(
+        "--protocols",
+        default=",".join(DEFAULT_PROTOCOLS),
+        help="comma-separated: 1pt,3pt,bbox0.5,bbox0.75,everything (default: the first four)",
+    )
+    p.add_argument(
+        "--seeds", default="0", help="comma-separated prompt seeds, e.g. 0,1,2,3,4 (mean ± std)"
+    )
+    p.add_argument("--classes", help="comma-separated class names (default: all)")
+    p.add_argument("--max-cases", type=int, help="evaluate only the first N cases")
+    p.add_argument(
+        "--nsd-tolerance", type=float, default=2.0, help="NSD tolerance in mm (default 2)"
+    )
+    p.add_argument(
+        "--hd-empty",
+        choices=("nan", "diagonal"),
+        default="nan",
+        help="HD95 when exactly one mask is empty (default nan = skipped in means)",
+    )
+    p.add_argument(
+        "--noc-clicks", type=int, default=5, help="clicks of the Dice-vs-clicks curve (0: off)"
+    )
+    p.add_argument(
+        "--worst", type=int, default=4, help="worst cases drawn in worst_cases.png (0: off)"
+    )
+    p.add_argument("--name", help="method name in the table (default: backbone [+ adapter])")
+    p.add_argument("--out", type=Path, required=True, help="output folder")
+    p.add_argument(
+        "--device", default="auto", help="cpu, cuda, cuda:N or auto (default: CUDA if available)"
+    )
+    p.add_argument("--quiet", action="store_true", help="no per-case progress lines")
+
+
+def _csv_list(s: str | None, what: str) -> list[str]:
+    if s is None:
+        return []
+    items = [x.strip() for x in s.split(",") if x.strip()]
+    if not items:
+        raise ConfigError(f"--{what} is empty")
+    return items
+
+
+def load_model(backbone: str, checkpoint: Path | None, adapter: Path | None, device: Any) -> Any:
+    """Build the backbone (``medsa.sam.build_sam``), load an adapter, move to ``device``."""
+    from medsa.sam import build_sam
+
+    if checkpoint is not None and not Path(checkpoint).exists():
+        raise CheckpointError(f"checkpoint {checkpoint} does not exist")
+    model = build_sam(backbone, checkpoint=checkpoint)
+    if adapter is not None:
+        try:
+            from medsa.adapters import load_adapter
+        except ImportError as e:  # pragma: no cover - depends on the adapters package state
+            raise ConfigError("--adapter needs medsa.adapters.load_adapter, not available") from e
+        model = load_adapter(model, adapter) or model
+    return model.to(device).eval()
+
+
+def _case_ids_from_split(path: Path, fold: int | None, ds: Any) -> list[str]:
+    if not path.exists():
+        raise DataError(f"split file {path} does not exist")
+    if path.suffix.lower() == ".json":
+        from medsa.data.datasets import load_splits
+
+        splits = load_splits(path, known_ids=ds.case_ids)
+        f = 0 if fold is None else fold
+        if isinstance(splits, Mapping):  # {"val": [...]} style
+            if "val" not in splits:
+                raise DataError(f"{path}: expected a 'val' list")
+            return list(splits["val"])
+        if not 0 <= f < len(splits):
+            raise ConfigError(f"--fold {f} is out of range: {path} has {len(splits)} folds")
+        return list(splits[f]["val"])
+    if fold is not None:
+        raise ConfigError("--fold needs a JSON splits file")
+    ids = [
+        ln.strip() for ln in path.read_text().splitlines() if ln.strip() and not ln.startswith("#")
+    ]
+    unknown = [i for i in ids if i not in set(ds.case_ids)]
+    if unknown:
+        raise DataError(f"{path}: case {unknown[0]!r} is not in the dataset")
+    return ids
+
+
+def main(args: argparse.Namespace) -> int:
+    from medsa.engine import report
+
+    protocols = tuple(_csv_list(args.protocols, "protocols"))
+    try:
+        seeds = tuple(int(s) for s in _csv_list(args.seeds, "seeds"))
+    except ValueError as e:
+        raise ConfigError(f"--seeds must be comma-separated integers, got {args.seeds!r}") from e
+    classes = tuple(_csv_list(args.classes, "classes")) or None
+    cfg = EvalConfig(
+        protocols=protocols,
+        seeds=seeds,
+        classes=classes,
+        max_cases=args.max_cases,
+        metrics=MetricConfig(nsd_tolerance_mm=args.nsd_tolerance, hd_one_empty=args.hd_empty),
+        noc_clicks=args.noc_clicks,
+        worst_k=args.worst,
+    )
+    if not args.data.exists():
+        raise DataError(f"dataset folder {args.data} does not exist")
+    out: Path = args.out
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} exists and is not a folder")
+    from medsa.data.datasets import load_dataset
+
+    ds = load_dataset(args.data)
+    if args.fold is not None and args.split is None:
+        raise ConfigError("--fold needs --split FILE")
+    case_ids = _case_ids_from_split(args.split, args.fold, ds) if args.split else None
+    from medsa.engine.perf import resolve_device
+
+    device = resolve_device(args.device)
+    model = load_model(args.backbone, args.checkpoint, args.adapter, device)
+    method = args.name or (args.backbone + (f" + {args.adapter.stem}" if args.adapter else ""))
+    res = evaluate_model(
+        model,
+        ds,
+        case_ids=case_ids,
+        config=cfg,
+        progress=not args.quiet,
+        keep_worst=cfg.worst_k > 0,
+    )
+    out.mkdir(parents=True, exist_ok=True)
+    written = write_outputs(res, out, method)
+    print(report.markdown_table(res.summary, method, len(cfg.seeds)))
+    print(
+        f"{len(res.rows)} rows in {res.seconds:.1f} s; wrote " + ", ".join(p.name for p in written)
+    )
+    return 0
+
+
+def write_outputs(res: EvalResults, out: Path, method: str) -> list[Path]:
+    """Write metrics.csv, summary.json, results.md and the PNG plots into ``out``."""
+    from medsa.engine import report
+
+    out.mkdir(parents=True, exist_ok=True)
+    cfg = res.config
+    written = [report.write_csv(res.rows, out / "metrics.csv")]
+    written.append(
+        report.write_json(
+            {
+                "method": method,
+                "config": {**asdict(cfg)},
+                "n_cases": len({r["case_id"] for r in res.rows}),
+                "seconds": res.seconds,
+                "summary": res.summary,
+                "noc": res.noc,
+                "worst": [
+                    dict(zip(("case_id", "class", "protocol", "seed", "dice"), w, strict=True))
+                    for w in res.worst
+                ],
+            },
+            out / "summary.json",
+        )
+    )
+    md = out / "results.md"
+    md.write_text(
+        f"# {method}\n\nDice (%) per class, mean over cases"
+        + (f"; mean ± std over {len(cfg.seeds)} seeds" if len(cfg.seeds) > 1 else "")
+        + "; HD95 in mm.\n\n"
+        + report.markdown_table(res.summary, method, len(cfg.seeds)),
+        encoding="utf-8",
+    )
+    written.append(md)
+    written.append(report.plot_class_dice(res.summary, out / "dice_per_class.png", method))
+    if res.noc:
+        written.append(report.plot_noc(res.noc, out / "noc.png", method))
+    if res.worst_items:
+        written.append(report.plot_overlays(res.worst_items, out / "worst_cases.png"))
+    return written

@@ -1,0 +1,517 @@
+"""Shared model-running helpers: run SAM on a 2D image or a 3D volume with prompts.
+
+Used by ``medsa evaluate``, ``medsa predict``, the trainer's validation and the web app.
+
+- :class:`Prompt` is one prompt set for one object: points ``(N, 2)`` in ``(x, y)`` pixel
+  coordinates + labels ``(N,)`` (1 positive, 0 negative), and/or a box ``(4,)`` ``(x0, y0, x1, y1)``,
+  and optionally the previous low-resolution mask logits ``(1, h, w)`` (iterative clicks).
+- :func:`segment_image` runs the image encoder once and decodes every prompt of the image
+  (batched through ``SamPredictor.predict_torch`` when the predictor has it).
+- :func:`segment_volume` works slice by slice, as the Med-SA paper does for 3D ("we prompt each
+  slice of 3D images"): a slice without a prompt is not encoded and stays empty.
+- Multimask selection: a prompt that is ambiguous (a single point, no box) is decoded with
+  ``multimask_output=True`` and the mask with the highest predicted IoU is kept, as in SAM;
+  other prompts are decoded with a single output.
+
+Images: 2D ``(H, W)`` grey or ``(H, W, 3)`` RGB, volumes ``(D, H, W)``. Anything that is not
+``uint8`` is windowed to ``[0, 255]`` by :func:`to_uint8` (0.5 / 99.5 percentiles, computed over
+the whole volume so that slices share one window).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from medsa.errors import DataError, PromptError
+
+__all__ = [
+    "Prompt",
+    "PROTOCOLS",
+    "to_uint8",
+    "as_predictor",
+    "segment_image",
+    "segment_volume",
+    "simulate_prompt",
+    "segment_everything",
+    "best_overlap_mask",
+    "decode_prompts",
+    "from_data_prompt",
+    "iterate_clicks",
+    "add_click",
+]
+
+#: prompt protocols of the Med-SA paper (Sec. 4.1) plus SAM's automatic "everything" mode
+#: ("box" = the tight bounding box, as in MedSAM / LiteMedSAM evaluations)
+PROTOCOLS: tuple[str, ...] = ("1pt", "3pt", "bbox0.5", "bbox0.75", "box", "everything")
+
+
+@dataclass
+class Prompt:
+    """One prompt set for one object in one 2D image.
+
+    Attributes:
+        points: ``(N, 2)`` float ``(x, y)`` pixel coordinates, or None.
+        labels: ``(N,)`` int, 1 = positive, 0 = negative; required with ``points``.
+        box: ``(4,)`` ``(x0, y0, x1, y1)`` pixels, or None.
+        mask_input: ``(1, h, w)`` low-resolution logits of a previous prediction, or None.
+    """
+
+    points: np.ndarray | None = None
+    labels: np.ndarray | None = None
+    box: np.ndarray | None = None
+    mask_input: np.ndarray | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.points is not None:
+            self.points = np.asarray(self.points, dtype=np.float32).reshape(-1, 2)
+            if self.labels is None:
+                self.labels = np.ones(len(self.points), dtype=np.int64)
+            self.labels = np.asarray(self.labels, dtype=np.int64).reshape(-1)
+            if len(self.labels) != len(self.points):
+                raise PromptError(
+                    f"{len(self.points)} points but {len(self.labels)} labels were given"
+                )
+            if len(self.points) == 0:
+                self.points, self.labels = None, None
+        elif self.labels is not None and len(np.asarray(self.labels).reshape(-1)):
+            raise PromptError("point labels were given without points")
+        else:
+            self.labels = None
+        if self.box is not None:
+            self.box = np.asarray(self.box, dtype=np.float32).reshape(-1)
+            if self.box.shape != (4,):
+                raise PromptError(f"a box needs 4 numbers x0,y0,x1,y1, got {self.box.tolist()}")
+
+    @property
+    def empty(self) -> bool:
+        return self.points is None and self.box is None and self.mask_input is None
+
+    @property
+    def ambiguous(self) -> bool:
+        """A single point and no box: SAM returns 3 candidate masks and we keep the best."""
+        return self.box is None and self.points is not None and len(self.points) == 1
+
+    def validate(self, height: int, width: int) -> None:
+        """Raise :class:`PromptError` for non-finite values, bad labels or prompts outside the image."""
+        if self.points is not None:
+            p = self.points
+            if not np.isfinite(p).all():
+                raise PromptError("point coordinates must be finite numbers")
+            # same rule as SamPredictor: 0 <= x <= W, 0 <= y <= H (pixel edges)
+            bad = (p[:, 0] < 0) | (p[:, 0] > width) | (p[:, 1] < 0) | (p[:, 1] > height)
+            if bad.any():
+                x, y = p[bad][0]
+                raise PromptError(
+                    f"point ({x:g}, {y:g}) lies outside the {width}x{height} (W x H) image; "
+                    "points are (x, y) = (column, row)"
+                )
+            if not np.isin(self.labels, (0, 1)).all():
+                raise PromptError(
+                    f"point labels must be 1 (positive) or 0 (negative), got {self.labels.tolist()}"
+                )
+        if self.box is not None:
+            x0, y0, x1, y1 = (float(v) for v in self.box)
+            if not np.isfinite(self.box).all():
+                raise PromptError("box coordinates must be finite numbers")
+            if x1 <= x0 or y1 <= y0:
+                raise PromptError(f"box ({x0:g}, {y0:g}, {x1:g}, {y1:g}) needs x0 < x1 and y0 < y1")
+            if x0 < 0 or y0 < 0 or x1 > width or y1 > height:
+                raise PromptError(
+                    f"box ({x0:g}, {y0:g}, {x1:g}, {y1:g}) lies outside the {width}x{height} image"
+                )
+
+    def to_json(self) -> dict[str, Any]:
+        """JSON-serialisable form (as read by :func:`Prompt.from_json`)."""
+        out: dict[str, Any] = {}
+        if self.points is not None:
+            out["points"] = [
+                [float(x), float(y), int(lab)]
+                for (x, y), lab in zip(self.points, self.labels, strict=True)
+            ]
+        if self.box is not None:
+            out["box"] = [float(v) for v in self.box]
+        return out
+
+    @classmethod
+    def from_json(cls, obj: Mapping[str, Any]) -> Prompt:
+        """Parse ``{"points": [[x, y, label?], ...], "box": [x0, y0, x1, y1]}``."""
+        if not isinstance(obj, Mapping):
+            raise PromptError(f"a prompt must be an object with 'points' and/or 'box', got {obj!r}")
+        unknown = set(obj) - {"points", "box", "slice"}
+        if unknown:
+            raise PromptError(f"unknown prompt keys {sorted(unknown)}; use 'points' and/or 'box'")
+        points = labels = None
+        if obj.get("points"):
+            try:
+                rows = [list(map(float, p)) for p in obj["points"]]
+            except (TypeError, ValueError) as e:
+                raise PromptError(
+                    f"points must be [[x, y, label], ...], got {obj['points']!r}"
+                ) from e
+            if any(len(r) not in (2, 3) for r in rows):
+                raise PromptError(
+                    f"each point must be [x, y] or [x, y, label], got {obj['points']!r}"
+                )
+            points = np.array([r[:2] for r in rows], dtype=np.float32)
+            labels = np.array([int(r[2]) if len(r) == 3 else 1 for r in rows], dtype=np.int64)
+        box = None
+        if obj.get("box") is not None:
+            try:
+                box = np.array([float(v) for v in obj["box"]], dtype=np.float32)
+            except (TypeError, ValueError) as e:
+                raise PromptError(f"box must be [x0, y0, x1, y1], got {obj['box']!r}") from e
+        return cls(points=points, labels=labels, box=box)
+
+
+# --------------------------------------------------------------------------- images
+
+
+def to_uint8(image: np.ndarray, window: tuple[float, float] | None = None) -> np.ndarray:
+    """Map an image / volume to ``uint8`` ``[0, 255]`` (same shape).
+
+    ``uint8`` input is returned unchanged. Otherwise intensities are clipped to ``window`` (default:
+    the 0.5 and 99.5 percentiles of the finite values, robust to CT air / MR outliers) and scaled.
+    """
+    arr = np.asarray(image)
+    if arr.dtype == np.uint8:
+        return arr
+    if arr.dtype == bool:
+        return arr.astype(np.uint8) * 255
+    a = arr.astype(np.float32)
+    finite = np.isfinite(a)
+    if not finite.any():
+        raise DataError("image has no finite intensity values")
+    if window is None:
+        lo, hi = np.percentile(a[finite], (0.5, 99.5))
+    else:
+        lo, hi = window
+    if hi <= lo:
+        hi = lo + 1.0  # constant image -> all zero rather than a division by zero
+    a = np.where(finite, a, lo)
+    return np.clip((a - lo) / (hi - lo) * 255.0, 0, 255).round().astype(np.uint8)
+
+
+def as_predictor(model_or_predictor: Any) -> Any:
+    """Return a ``SamPredictor`` for a :class:`medsa.sam.Sam` (or pass a predictor through)."""
+    if hasattr(model_or_predictor, "set_image") and hasattr(model_or_predictor, "predict"):
+        return model_or_predictor
+    from medsa.sam import SamPredictor
+
+    return SamPredictor(model_or_predictor)
+
+
+def _check_2d(image: np.ndarray) -> tuple[int, int]:
+    if image.ndim == 2 or (image.ndim == 3 and image.shape[-1] in (1, 3, 4)):
+        return int(image.shape[0]), int(image.shape[1])
+    raise DataError(f"expected a 2D image (H, W) or (H, W, 3), got shape {image.shape}")
+
+
+def _rgb(image: np.ndarray) -> np.ndarray:
+    """``(H, W)`` / ``(H, W, 1|3|4)`` uint8 -> ``(H, W, 3)`` uint8."""
+    if image.ndim == 2:
+        return np.repeat(image[:, :, None], 3, axis=2)
+    if image.shape[-1] == 1:
+        return np.repeat(image, 3, axis=2)
+    return np.ascontiguousarray(image[:, :, :3])
+
+
+def _decode_one(predictor: Any, prompt: Prompt) -> tuple[np.ndarray, float, np.ndarray]:
+    """Decode one prompt on the predictor's current image: ``mask (H, W)``, score, logits ``(1, h, w)``."""
+    masks, scores, low_res = predictor.predict(
+        point_coords=prompt.points,
+        point_labels=prompt.labels,
+        box=prompt.box,
+        mask_input=prompt.mask_input,
+        multimask_output=prompt.ambiguous,
+    )
+    masks, scores, low_res = (np.asarray(_np(x)) for x in (masks, scores, low_res))
+    k = int(np.argmax(scores)) if prompt.ambiguous else 0
+    return masks[k].astype(bool), float(scores[k]), low_res[k : k + 1]
+
+
+def _signature(p: Prompt) -> tuple[int, bool, bool, bool]:
+    n = 0 if p.points is None else len(p.points)
+    return (n, p.box is not None, p.mask_input is not None, p.ambiguous)
+
+
+def decode_prompts(
+    predictor: Any, prompts: Sequence[Prompt]
+) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
+    """Decode many prompts on the predictor's current image, batched where possible.
+
+    Prompts with the same structure (number of points, box or not, mask input or not) go through
+    ``predictor.predict_torch`` as one batch; predictors without it fall back to ``predict``.
+    Returns ``masks (K, H, W)`` bool, ``scores (K,)`` and the low-res logits ``(1, h, w)`` of each.
+    """
+    if not prompts:
+        return np.zeros((0, 0, 0), bool), np.zeros(0, np.float32), []
+    if not hasattr(predictor, "predict_torch") or len(prompts) == 1:
+        outs = [_decode_one(predictor, p) for p in prompts]
+        return (
+            np.stack([o[0] for o in outs]),
+            np.array([o[1] for o in outs], np.float32),
+            [o[2] for o in outs],
+        )
+    import torch
+
+    groups: dict[tuple[int, bool, bool, bool], list[int]] = {}
+    for i, p in enumerate(prompts):
+        groups.setdefault(_signature(p), []).append(i)
+    size = tuple(predictor.original_size)
+    dev = predictor.device
+    masks: list[Any] = [None] * len(prompts)
+    scores = np.zeros(len(prompts), np.float32)
+    logits: list[Any] = [None] * len(prompts)
+    for (n, has_box, has_mask, ambiguous), idx in groups.items():
+        coords = labels = boxes = mask_in = None
+        if n:
+            c = np.stack([prompts[i].points for i in idx]).astype(np.float64)
+            c = predictor.transform.apply_coords(c, size)
+            coords = torch.as_tensor(c, dtype=torch.float, device=dev)
+            labels = torch.as_tensor(
+                np.stack([prompts[i].labels for i in idx]), dtype=torch.int, device=dev
+            )
+        if has_box:
+            b = predictor.transform.apply_boxes(np.stack([prompts[i].box for i in idx]), size)
+            boxes = torch.as_tensor(b, dtype=torch.float, device=dev)
+        if has_mask:
+            mask_in = torch.as_tensor(
+                np.stack(
+                    [
+                        np.asarray(prompts[i].mask_input, np.float32).reshape(
+                            1, *np.shape(prompts[i].mask_input)[-2:]
+                        )
+                        for i in idx
+                    ]
+                ),
+                dtype=torch.float,
+                device=dev,
+            )
+        m, s, lr = predictor.predict_torch(
+            coords, labels, boxes, mask_in, multimask_output=ambiguous
+        )
+        best = (
+            s.argmax(dim=1)
+            if ambiguous
+            else torch.zeros(len(idx), dtype=torch.long, device=s.device)
+        )
+        rows = torch.arange(len(idx), device=s.device)
+        m_sel = m[rows, best].cpu().numpy().astype(bool)
+        s_sel = s[rows, best].float().cpu().numpy()
+        lr_sel = lr[rows, best].float().cpu().numpy()
+        for j, i in enumerate(idx):
+            masks[i], scores[i], logits[i] = m_sel[j], s_sel[j], lr_sel[j][None]
+    return np.stack(masks), scores, logits
+
+
+def _np(x: Any) -> np.ndarray:
+    return x.detach().cpu().numpy() if hasattr(x, "detach") else np.asarray(x)
+
+
+def segment_image(
+    predictor: Any,
+    image: np.ndarray,
+    prompts: Sequence[Prompt | None],
+    window: tuple[float, float] | None = None,
+    return_logits: bool = False,
+) -> tuple[np.ndarray, np.ndarray] | tuple[np.ndarray, np.ndarray, list[np.ndarray | None]]:
+    """Segment one 2D image ``(H, W)`` / ``(H, W, 3)`` with one prompt per object.
+
+    Returns ``masks (K, H, W)`` bool and ``scores (K,)`` (predicted IoU; ``nan`` for a ``None``
+    prompt, whose mask is empty); with ``return_logits`` also the low-resolution logits
+    ``(1, h, w)`` of each mask, to feed back as ``Prompt.mask_input`` for iterative clicks.
+    The image encoder runs once, and not at all if every prompt is ``None``.
+    """
+    image = np.asarray(image)
+    h, w = _check_2d(image)
+    for p in prompts:
+        if p is not None:
+            p.validate(h, w)
+    masks = np.zeros((len(prompts), h, w), dtype=bool)
+    scores = np.full(len(prompts), np.nan, dtype=np.float32)
+    logits: list[np.ndarray | None] = [None] * len(prompts)
+    todo = [i for i, p in enumerate(prompts) if p is not None and not p.empty]
+    if todo:
+        predictor = as_predictor(predictor)
+        predictor.set_image(_rgb(to_uint8(image, window)))
+        m, s, lr = decode_prompts(predictor, [prompts[i] for i in todo])  # type: ignore[misc]
+        for j, i in enumerate(todo):
+            masks[i], scores[i], logits[i] = m[j], s[j], lr[j]
+    if return_logits:
+        return masks, scores, logits
+    return masks, scores
+
+
+def segment_volume(
+    predictor: Any,
+    volume: np.ndarray,
+    slice_prompts: Mapping[int, Sequence[Prompt | None]],
+    n_objects: int | None = None,
+    window: tuple[float, float] | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Segment a volume ``(D, H, W)`` slice by slice.
+
+    Args:
+        slice_prompts: ``{z: [prompt of object 0, prompt of object 1, ...]}``; slices that are
+            missing (or whose prompts are all ``None``) are not encoded and stay empty.
+        n_objects: number of objects K (default: the longest prompt list).
+        window: intensity window; default: percentiles of the whole volume (shared by slices).
+    Returns:
+        ``masks (K, D, H, W)`` bool and ``scores (K, D)`` (``nan`` where not prompted).
+    """
+    vol = np.asarray(volume)
+    if vol.ndim != 3:
+        raise DataError(f"expected a volume (D, H, W), got shape {vol.shape}")
+    d, h, w = vol.shape
+    bad = [z for z in slice_prompts if not 0 <= int(z) < d]
+    if bad:
+        raise PromptError(f"slice index {bad[0]} is outside the volume's {d} slices (0..{d - 1})")
+    k = (
+        n_objects
+        if n_objects is not None
+        else max((len(v) for v in slice_prompts.values()), default=0)
+    )
+    vol8 = to_uint8(vol, window)  # one window for the whole volume
+    masks = np.zeros((k, d, h, w), dtype=bool)
+    scores = np.full((k, d), np.nan, dtype=np.float32)
+    predictor = as_predictor(predictor) if slice_prompts else predictor
+    for z in sorted(int(z) for z in slice_prompts):
+        prompts = list(slice_prompts[z])
+        if len(prompts) > k:
+            raise PromptError(f"slice {z} has {len(prompts)} prompts but n_objects={k}")
+        prompts += [None] * (k - len(prompts))
+        m, s = segment_image(predictor, vol8[z], prompts)  # type: ignore[misc]
+        masks[:, z], scores[:, z] = m, s
+    return masks, scores
+
+
+# --------------------------------------------------------------------------- protocols
+
+
+def simulate_prompt(protocol: str, mask: np.ndarray, rng: np.random.Generator) -> Prompt | None:
+    """Simulate the prompt of ``protocol`` for the binary target ``mask (H, W)``.
+
+    ``None`` if the target is empty (no prompt is given for an absent object, as in the paper's
+    per-slice prompting). The simulation itself lives in :mod:`medsa.data.prompts`.
+    """
+    from medsa.data.prompts import get_protocol
+
+    if protocol not in PROTOCOLS or protocol == "everything":
+        choices = ", ".join(p for p in PROTOCOLS if p != "everything")
+        raise PromptError(f"unknown prompt protocol {protocol!r}; choose from {choices}")
+    m = np.asarray(mask).astype(bool)
+    if not m.any():
+        return None
+    return from_data_prompt(get_protocol(protocol)(m, rng))
+
+
+def from_data_prompt(p: Any) -> Prompt:
+    """Convert a :class:`medsa.data.prompts.Prompt` (points may be ``(0, 2)``) to a :class:`Prompt`."""
+    if isinstance(p, Prompt):
+        return p
+    return Prompt(
+        points=getattr(p, "points", None),
+        labels=getattr(p, "labels", None),
+        box=getattr(p, "box", None),
+    )
+
+
+# --------------------------------------------------------------------------- everything
+
+
+def segment_everything(
+    model_or_predictor: Any,
+    image: np.ndarray,
+    window: tuple[float, float] | None = None,
+    **kwargs: Any,
+) -> np.ndarray:
+    """SAM's automatic mode on a 2D image: all masks ``(M, H, W)`` bool, largest first.
+
+    Uses ``medsa.sam.automatic.AutomaticMaskGenerator`` (keyword arguments are passed on).
+    """
+    try:
+        from medsa.sam.automatic import AutomaticMaskGenerator
+    except ImportError as e:  # pragma: no cover - depends on the sam package state
+        raise PromptError(
+            "'everything' mode needs medsa.sam.automatic, which is not available"
+        ) from e
+    image = np.asarray(image)
+    h, w = _check_2d(image)
+    model = getattr(model_or_predictor, "model", model_or_predictor)
+    gen = AutomaticMaskGenerator(model, **kwargs)
+    records = gen.generate(_rgb(to_uint8(image, window)))
+    masks = [np.asarray(r["segmentation"], dtype=bool) for r in records]
+    masks.sort(key=lambda m: -int(m.sum()))
+    return np.stack(masks) if masks else np.zeros((0, h, w), dtype=bool)
+
+
+def best_overlap_mask(candidates: np.ndarray, target: np.ndarray) -> np.ndarray:
+    """The candidate ``(M, H, W)`` with the highest IoU with ``target (H, W)`` (empty if none).
+
+    Used to score "everything" mode against a class: an oracle choice, as SAM's zero-shot
+    evaluations do, since automatic masks carry no class.
+    """
+    t = np.asarray(target, dtype=bool)
+    if len(candidates) == 0 or not t.any():
+        return np.zeros_like(t)
+    c = np.asarray(candidates, dtype=bool)
+    inter = (c & t).reshape(len(c), -1).sum(1)
+    union = (c | t).reshape(len(c), -1).sum(1)
+    return c[int(np.argmax(inter / np.maximum(union, 1)))].copy()
+
+
+def iterate_clicks(
+    predictor: Any,
+    image: np.ndarray,
+    target: np.ndarray,
+    n_clicks: int,
+    rng: np.random.Generator,
+    first: Prompt | None = None,
+    next_click: Callable[..., Any] | None = None,
+) -> list[np.ndarray]:
+    """Interactive simulation on a 2D image: the mask after 1..``n_clicks`` clicks.
+
+    Click 1 is ``first`` (default: the "1pt" protocol); every further click is placed in the
+    error region of the current prediction by ``medsa.data.prompts.next_click`` (positive in a
+    missed region, negative in a false-positive region), and the previous low-resolution logits
+    are fed back as ``mask_input``, as in SAM's interactive training/evaluation.
+    Returns the ``n_clicks`` masks ``(H, W)``.
+    """
+    t = np.asarray(target, dtype=bool)
+    if not t.any():
+        return [np.zeros_like(t) for _ in range(n_clicks)]
+    if next_click is None:
+        from medsa.data.prompts import next_click as _nc
+
+        next_click = _nc
+    prompt = first if first is not None else simulate_prompt("1pt", t, rng)
+    assert prompt is not None
+    predictor = as_predictor(predictor)
+    image = np.asarray(image)
+    _check_2d(image)
+    predictor.set_image(_rgb(to_uint8(image)))
+    out: list[np.ndarray] = []
+    for i in range(n_clicks):
+        mask, _, logits = _decode_one(predictor, prompt)
+        out.append(mask)
+        if i == n_clicks - 1:
+            break
+        nc = next_click(mask, t, rng)
+        if nc is None:  # prediction already perfect: later clicks change nothing
+            out += [mask] * (n_clicks - 1 - i)
+            break
+        prompt = add_click(prompt, nc[0], nc[1], logits)
+    return out
+
+
+def add_click(prompt: Prompt, xy: Any, label: int, mask_input: np.ndarray | None) -> Prompt:
+    """``prompt`` plus one click ``xy (2,)`` with ``label``, feeding back ``mask_input``."""
+    old_pts = prompt.points if prompt.points is not None else np.zeros((0, 2), np.float32)
+    old_lab = prompt.labels if prompt.labels is not None else np.zeros(0, np.int64)
+    pts = np.concatenate([old_pts, np.asarray(xy, np.float32).reshape(1, 2)])
+    labs = np.concatenate([old_lab, np.asarray([int(label)], np.int64)])
+    return Prompt(points=pts, labels=labs, box=prompt.box, mask_input=mask_input)

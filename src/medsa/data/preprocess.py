@@ -286,7 +286,11 @@ def scale_intensity(image: np.ndarray, mode: str = "auto") -> np.ndarray:
 
 
 def to_three_channels(image: np.ndarray) -> np.ndarray:
-    """``(H, W)`` / ``(H, W, 1)`` -> ``(H, W, 3)`` by repetition; ``(H, W, 4)`` drops alpha."""
+    """Make SAM's 3 input channels from ``(H, W)`` / ``(H, W, C)``.
+
+    ``(H, W)`` / ``(H, W, 1)``: repeated; ``(H, W, 4)``: alpha dropped; ``(H, W, 2)`` (two MRI
+    sequences): ``(c0, c1, c1)``; ``C > 4``: the first three channels.
+    """
     a = np.asarray(image)
     if a.ndim == 2:
         return np.repeat(a[..., None], 3, axis=-1)
@@ -295,6 +299,10 @@ def to_three_channels(image: np.ndarray) -> np.ndarray:
     if a.ndim == 3 and a.shape[-1] == 3:
         return a
     if a.ndim == 3 and a.shape[-1] == 4:
+        return a[..., :3]
+    if a.ndim == 3 and a.shape[-1] == 2:  # two modalities: repeat the last one
+        return a[..., [0, 1, 1]]
+    if a.ndim == 3 and a.shape[-1] > 4:  # more modalities than SAM has channels: first three
         return a[..., :3]
     raise DataError(f"cannot make a 3-channel image from shape {a.shape}")
 
@@ -389,7 +397,8 @@ class SamTransform:
     Input dict: ``image`` ``(H, W)`` / ``(H, W, C)`` on the ``[0, 255]`` scale (see
     :func:`scale_intensity`), optional ``target`` ``(H, W)``. Output (torch): ``image`` float32
     ``(3, S, S)``, ``target`` float32 ``(S, S)`` (nearest), ``original_size`` / ``resized_size``
-    ``(H, W)`` tuples. Other keys pass through.
+    ``(H, W)`` tuples; ``points`` ``(N, 2)`` / ``box`` ``(4,)`` (original ``(x, y)`` pixels) are
+    rescaled to the resized image (torch float32, ``point_labels`` int64). Other keys pass through.
 
     Attributes:
         size: long side / square size ``S`` (SAM 1024; configurable for tiny test models).
@@ -407,6 +416,16 @@ class SamTransform:
         out["image"] = torch.from_numpy(np.ascontiguousarray(np.moveaxis(img, -1, 0)))
         out["original_size"] = info.original_size
         out["resized_size"] = info.resized_size
+        if sample.get("points") is not None:
+            pts = resize_coords(np.asarray(sample["points"]), info.original_size, self.size)
+            out["points"] = torch.from_numpy(pts)
+            out["point_labels"] = torch.as_tensor(
+                np.asarray(sample["point_labels"]), dtype=torch.int64
+            )
+        if sample.get("box") is not None:
+            out["box"] = torch.from_numpy(
+                resize_boxes(np.asarray(sample["box"]), info.original_size, self.size)
+            )
         if sample.get("target") is not None:
             tgt = sam_resize_mask(np.asarray(sample["target"]).astype(np.uint8), self.size)
             out["target"] = torch.from_numpy(tgt.astype(np.float32))

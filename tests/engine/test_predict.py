@@ -1,0 +1,235 @@
+"""medsa predict: end-to-end on a tiny random-weight model, geometry, prompts, error paths."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from medsa.cli import main as cli_main
+from medsa.data.io import Image, read_image, write_image
+from medsa.engine.inference import Prompt, segment_image, segment_volume
+from medsa.engine.predict import (
+    cli_prompt,
+    collect_inputs,
+    parse_prompt_entry,
+    parse_slices,
+)
+from medsa.errors import DataError, PromptError
+
+TINY = ["--backbone", "vit_tiny", "--device", "cpu"]
+
+
+@pytest.fixture
+def inputs(tmp_path: Path) -> Path:
+    rng = np.random.default_rng(0)
+    d = tmp_path / "in"
+    (d / "sub").mkdir(parents=True)
+    write_image((rng.random((40, 50)) * 255).astype(np.uint8), d / "a.png")
+    write_image((rng.random((36, 44, 3)) * 255).astype(np.uint8), d / "sub" / "b.jpg")
+    vol = Image(
+        rng.normal(size=(6, 40, 50)).astype(np.float32),
+        spacing=(2.5, 0.8, 0.7),
+        origin=(10.0, -5.0, 3.0),
+        direction=np.array([[0.0, 1, 0], [1, 0, 0], [0, 0, 1]]),
+    )
+    write_image(vol, d / "v.nii.gz")
+    (d / "notes.txt").write_text("not an image")
+    return d
+
+
+def test_predict_folder_with_cli_box_keeps_geometry(inputs: Path, tmp_path: Path, capsys):
+    out = tmp_path / "out"
+    rc = cli_main(
+        [
+            "predict",
+            str(inputs),
+            "--out",
+            str(out),
+            "--box",
+            "4,4,30,30",
+            "--slice",
+            "2:3",
+            "--overlay",
+            *TINY,
+        ]
+    )
+    assert rc == 0, capsys.readouterr().err
+    a = read_image(out / "a_mask.png")
+    assert a.array.shape == (40, 50) and set(np.unique(a.array)) <= {0, 255}
+    b = read_image(out / "sub" / "b_mask.png")  # JPEG input -> lossless PNG mask
+    assert b.array.shape == (36, 44)
+    src, v = read_image(inputs / "v.nii.gz"), read_image(out / "v_mask.nii.gz")
+    assert v.array.shape == (6, 40, 50)
+    np.testing.assert_allclose(v.spacing, src.spacing, rtol=1e-6)
+    np.testing.assert_allclose(v.origin, src.origin, atol=1e-5)
+    np.testing.assert_allclose(v.affine, src.affine, atol=1e-5)
+    # only the prompted slices 2..3 can contain foreground
+    assert not v.array[[0, 1, 4, 5]].any()
+    for name in ("a_overlay.png", "v_overlay.png", "sub/b_overlay.png"):
+        assert (out / name).stat().st_size > 0
+    assert not (out / "notes_mask.png").exists()
+
+
+def test_predict_json_prompts_multi_object_and_per_slice(inputs: Path, tmp_path: Path, capsys):
+    prompts = {
+        "a.png": [{"points": [[10, 12, 1], [30, 30, 0]]}, {"box": [20, 5, 45, 35]}],
+        "sub/b.jpg": {"points": [[10, 12]]},
+        "v.nii.gz": {
+            "slices": {
+                "1": {"box": [5, 5, 20, 20]},
+                "4": [{"box": [5, 5, 20, 20]}, {"points": [[30, 30, 1]]}],
+            }
+        },
+    }
+    pf = tmp_path / "prompts.json"
+    pf.write_text(json.dumps(prompts))
+    out = tmp_path / "out"
+    rc = cli_main(
+        [
+            "predict",
+            str(inputs / "a.png"),
+            str(inputs / "sub" / "b.jpg"),
+            str(inputs / "v.nii.gz"),
+            "--prompts",
+            str(pf),
+            "--out",
+            str(out),
+            *TINY,
+        ]
+    )
+    assert rc == 0, capsys.readouterr().err
+    assert set(np.unique(read_image(out / "a_mask.png").array)) <= {0, 1, 2}
+    v = read_image(out / "v_mask.nii.gz").array
+    assert set(np.unique(v)) <= {0, 1, 2}
+    assert not v[[0, 2, 3, 5]].any()  # slices without prompts stay empty
+    assert not (v[1] == 2).any()  # object 2 is only prompted on slice 4
+
+
+def test_predict_errors_continue_and_exit_1(inputs: Path, tmp_path: Path, capsys):
+    (inputs / "broken.png").write_bytes(b"not a png")
+    out = tmp_path / "out"
+    rc = cli_main(
+        [
+            "predict",
+            str(inputs / "a.png"),
+            str(inputs / "broken.png"),
+            str(tmp_path / "missing.png"),
+            "--out",
+            str(out),
+            "--point",
+            "10,10",
+            *TINY,
+        ]
+    )
+    err = capsys.readouterr().err
+    assert rc == 1
+    assert "broken.png" in err and "missing.png" in err
+    assert (out / "a_mask.png").exists()  # the good file was still segmented
+    # a point outside the image: clear message, no traceback, no output written
+    rc = cli_main(
+        ["predict", str(inputs / "a.png"), "--out", str(tmp_path / "o2"), "--point", "60,10", *TINY]
+    )
+    err = capsys.readouterr().err
+    assert rc == 1 and "outside" in err and "Traceback" not in err
+    assert not (tmp_path / "o2" / "a_mask.png").exists()
+    # a volume needs --slice for CLI prompts
+    rc = cli_main(
+        ["predict", str(inputs / "v.nii.gz"), "--out", str(out), "--box", "1,1,9,9", *TINY]
+    )
+    assert rc == 1 and "--slice" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        ([], "no prompt"),
+        (["--point", "1,2", "--everything"], "only one of"),
+        (["--point", "1;2"], "comma-separated"),
+        (["--point", "1,2,5"], "label must be 1"),
+        (["--box", "1,2,3"], "x0,y0,x1,y1"),
+        (["--prompts", "nope.json"], "does not exist"),
+    ],
+)
+def test_predict_cli_prompt_errors(inputs: Path, tmp_path: Path, capsys, argv, message):
+    rc = cli_main(["predict", str(inputs / "a.png"), "--out", str(tmp_path / "o"), *argv, *TINY])
+    assert rc == 1
+    assert message in capsys.readouterr().err
+
+
+def test_prompt_parsing():
+    p = cli_prompt(["1,2", "3,4,0"], "0,0,5,6")
+    assert p.points.tolist() == [[1, 2], [3, 4]] and p.labels.tolist() == [1, 0]
+    assert p.box.tolist() == [0, 0, 5, 6]
+    assert cli_prompt(None, None) is None
+    objs = parse_prompt_entry(
+        {"objects": [{"box": [1, 2, 3, 4]}, {"points": [[1, 1, 0]]}]}, False, "f"
+    )
+    assert len(objs) == 2 and objs[1].labels.tolist() == [0]
+    vol = parse_prompt_entry({"slices": {"3": {"box": [1, 2, 3, 4]}}}, True, "v")
+    assert list(vol) == [3]
+    with pytest.raises(PromptError, match="slices"):
+        parse_prompt_entry({"box": [1, 2, 3, 4]}, True, "v")
+    with pytest.raises(PromptError, match="unknown prompt keys"):
+        parse_prompt_entry({"bx": [1, 2, 3, 4]}, False, "f")
+    with pytest.raises(PromptError, match="x0 < x1"):
+        Prompt(box=[5, 5, 1, 1]).validate(10, 10)
+    assert parse_slices("2:4", 6) == [2, 3, 4]
+    with pytest.raises(PromptError, match="outside"):
+        parse_slices("6", 6)
+
+
+def test_collect_inputs_recurses_skips_out_and_disambiguates(tmp_path: Path):
+    d = tmp_path / "data"
+    (d / "x").mkdir(parents=True)
+    for name in ("a.png", "a.jpg", "x/c.nii.gz", "x/readme.md", ".hidden.png"):
+        (d / name).write_bytes(b"0")
+    (d / "out").mkdir()
+    (d / "out" / "a_mask.png").write_bytes(b"0")
+    jobs, errors = collect_inputs([d, tmp_path / "nope"], out_dir=d / "out")
+    rels = sorted(j.rel.as_posix() for j in jobs)
+    assert rels == ["a_jpg", "a_png", "x/c"]
+    assert len(errors) == 1 and "nope" in errors[0]
+
+
+def test_segment_image_and_volume_with_oracle(oracle):
+    img = np.zeros((30, 40), np.uint8)
+    masks, scores = segment_image(
+        oracle, img, [Prompt(box=[2, 3, 10, 8]), None, Prompt(points=[[20, 20]])]
+    )
+    assert masks.shape == (3, 30, 40)
+    assert masks[0].sum() == 9 * 6 and not masks[1].any() and np.isnan(scores[1])
+    assert scores[2] == pytest.approx(0.9)  # ambiguous point: best of the 3 outputs
+    vol = np.random.default_rng(0).normal(size=(5, 30, 40))
+    m, s = segment_volume(
+        oracle, vol, {1: [Prompt(box=[0, 0, 4, 4])], 3: [None, Prompt(box=[1, 1, 2, 2])]}
+    )
+    assert m.shape == (2, 5, 30, 40) and oracle.n_set == 3  # 1 + 2 slices encoded
+    assert m[0, 1].sum() == 25 and not m[0, [0, 2, 3, 4]].any() and m[1, 3].sum() == 4
+    with pytest.raises(PromptError, match="outside the volume"):
+        segment_volume(oracle, vol, {7: [Prompt(box=[0, 0, 4, 4])]})
+    with pytest.raises(DataError):
+        segment_volume(oracle, vol[0], {})
+
+
+def test_batched_decoding_matches_single(tiny_model):
+    from medsa.engine.inference import _decode_one, decode_prompts
+    from medsa.sam import SamPredictor
+
+    pred = SamPredictor(tiny_model)
+    pred.set_image((np.random.default_rng(1).random((48, 64, 3)) * 255).astype(np.uint8))
+    prompts = [
+        Prompt(points=[[10, 12]]),
+        Prompt(points=[[30, 20]]),
+        Prompt(box=[5, 5, 40, 30]),
+        Prompt(points=[[1, 2], [30, 40]], labels=[1, 0]),
+        Prompt(box=[0, 0, 20, 20]),
+    ]
+    m, s, lr = decode_prompts(pred, prompts)
+    for i, p in enumerate(prompts):
+        m1, s1, lr1 = _decode_one(pred, p)
+        assert s[i] == pytest.approx(s1, abs=1e-5)
+        np.testing.assert_allclose(lr[i], lr1, atol=1e-4)
+        assert (m[i] != m1).mean() < 1e-3  # threshold ties at most

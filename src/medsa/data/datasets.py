@@ -587,6 +587,21 @@ class _Base:
 
         return self._cache.get(("case", case.id), load)
 
+    def _index_targets(
+        self, case: Case, resize_to: tuple[int, int, int] | None = None
+    ) -> dict[str, np.ndarray]:
+        """Targets ``(Z, H, W)`` only (no image read): used to build the sample index cheaply."""
+        from medsa.data.preprocess import resize_volume
+
+        targets = self.info.load_targets(case)
+        out = {}
+        for k, v in targets.items():
+            v = v[None] if v.ndim == 2 else v
+            if resize_to is not None:
+                v = resize_volume(v.astype(np.uint8), resize_to, kind="label") > 0
+            out[k] = v
+        return out
+
     def _add_prompt(
         self, sample: dict[str, Any], mask: np.ndarray, rng: np.random.Generator
     ) -> None:
@@ -644,7 +659,7 @@ class SliceDataset2D(_Base):
             )
         self.index: list[tuple[int, int, str | None]] = []
         for ci, case in enumerate(self.cases):
-            _, targets, _ = self._load(case)
+            targets = self._index_targets(case)
             if mode == "multiclass":
                 any_fg = np.any(np.stack([targets[c] for c in self.classes]), axis=0)
                 zs = (
@@ -723,7 +738,7 @@ class ChunkDataset3D(_Base):
         self.depth, self.resize_to = depth, resize_to
         self.index: list[tuple[int, np.ndarray, str | None]] = []
         for ci, case in enumerate(self.cases):
-            _, targets, _ = self._load_resized(case)
+            targets = self._index_targets(case, self.resize_to)
             names: list[str | None] = [None] if mode == "multiclass" else list(self.classes)
             for cname in names:
                 t = (

@@ -257,3 +257,70 @@ def test_litemedsam_kvasir_bbox_realdata(tmp_path):
     dice = res.mean_dice("bbox0.75")
     assert dice > 0.7, dice
     assert all(math.isfinite(r["hd95"]) for r in res.rows)
+
+
+def test_evaluate_cli_split_subset_and_adapter(tmp_path, capsys):
+    """--split/--fold/--subset select the cases; --adapter rebuilds the adapter's own backbone."""
+    pytest.importorskip("medsa.data.datasets")
+    torch = pytest.importorskip("torch")
+    from medsa.adapters import MedSAConfig, apply_method, save_adapter
+    from medsa.sam import build_sam
+
+    data = _write_2d_dataset(tmp_path / "ds", n=3)
+    split = tmp_path / "splits.json"
+    split.write_text(
+        json.dumps(
+            [
+                {"train": ["img0", "img1"], "val": ["img2"]},
+                {"train": ["img2"], "val": ["img0", "img1"]},
+            ]
+        )
+    )
+    torch.manual_seed(0)
+    model = apply_method(build_sam("vit_tiny"), MedSAConfig())
+    save_adapter(model, tmp_path / "ad" / "medsa")
+    out = tmp_path / "out"
+    rc = cli_main(
+        [
+            "evaluate",
+            "--data",
+            str(data),
+            "--split",
+            str(split),
+            "--fold",
+            "1",
+            "--adapter",
+            str(tmp_path / "ad" / "medsa.safetensors"),
+            "--device",
+            "cpu",
+            "--protocols",
+            "bbox0.75",
+            "--noc-clicks",
+            "0",
+            "--worst",
+            "0",
+            "--out",
+            str(out),
+            "--quiet",
+        ]
+    )
+    assert rc == 0, capsys.readouterr().err
+    with (out / "metrics.csv").open() as f:
+        assert sorted(r["case_id"] for r in csv.DictReader(f)) == ["img0", "img1"]
+    assert "vit_tiny + medsa" in (out / "results.md").read_text()
+    rc = cli_main(
+        [
+            "evaluate",
+            "--data",
+            str(data),
+            "--split",
+            str(split),
+            "--fold",
+            "2",
+            "--backbone",
+            "vit_tiny",
+            "--out",
+            str(out),
+        ]
+    )
+    assert rc == 1 and "out of range" in capsys.readouterr().err

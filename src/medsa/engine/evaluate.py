@@ -16,7 +16,7 @@ from __future__ import annotations
 import argparse
 import time
 import zlib
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -409,9 +409,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="splits JSON (from training / make_splits) or a text file of case ids",
     )
     p.add_argument(
-        "--fold", type=int, help="fold of --split whose 'val' cases are evaluated (default 0)"
+        "--fold", type=int, help="fold of --split whose --subset cases are evaluated (default 0)"
     )
-    p.add_argument("--backbone", default="lite_medsam", help="SAM backbone (default: lite_medsam)")
+    p.add_argument(
+        "--subset",
+        default="val",
+        choices=("val", "test", "train"),
+        help="which list of the fold to evaluate (default val)",
+    )
+    p.add_argument(
+        "--backbone",
+        help="SAM backbone: lite_medsam, vit_b, vit_l, vit_h, vit_tiny "
+        "(default: the adapter's backbone, else lite_medsam)",
+    )
     p.add_argument("--checkpoint", type=Path, help="backbone weights (default: the backbone's own)")
     p.add_argument(
         "--adapter", type=Path, help="adapter file saved by 'medsa train' (.safetensors)"
@@ -458,37 +468,40 @@ def _csv_list(s: str | None, what: str) -> list[str]:
     return items
 
 
-def load_model(backbone: str, checkpoint: Path | None, adapter: Path | None, device: Any) -> Any:
-    """Build the backbone (``medsa.sam.build_sam``), load an adapter, move to ``device``."""
+def load_model(
+    backbone: str | None, checkpoint: Path | None, adapter: Path | None, device: Any
+) -> Any:
+    """Build the backbone (``medsa.sam.build_sam``), apply a saved adapter, move to ``device``.
+
+    ``backbone=None`` means: the backbone recorded in the adapter's JSON, else ``lite_medsam``.
+    """
     from medsa.sam import build_sam
 
     if checkpoint is not None and not Path(checkpoint).exists():
         raise CheckpointError(f"checkpoint {checkpoint} does not exist")
-    model = build_sam(backbone, checkpoint=checkpoint)
-    if adapter is not None:
-        try:
-            from medsa.adapters import load_adapter
-        except ImportError as e:  # pragma: no cover - depends on the adapters package state
-            raise ConfigError("--adapter needs medsa.adapters.load_adapter, not available") from e
-        model = load_adapter(model, adapter) or model
+    if adapter is None:
+        return build_sam(backbone or "lite_medsam", checkpoint=checkpoint).to(device).eval()
+    from medsa.adapters import load_adapter
+    from medsa.adapters.io import read_adapter_meta
+
+    name = backbone or read_adapter_meta(adapter).get("backbone") or "lite_medsam"
+    model = load_adapter(build_sam(name, checkpoint=checkpoint), adapter)
     return model.to(device).eval()
 
 
-def _case_ids_from_split(path: Path, fold: int | None, ds: Any) -> list[str]:
+def _case_ids_from_split(path: Path, fold: int | None, ds: Any, subset: str = "val") -> list[str]:
     if not path.exists():
         raise DataError(f"split file {path} does not exist")
     if path.suffix.lower() == ".json":
         from medsa.data.datasets import load_splits
 
-        splits = load_splits(path, known_ids=ds.case_ids)
+        splits = load_splits(path, known_ids=ds.case_ids)  # list of folds
         f = 0 if fold is None else fold
-        if isinstance(splits, Mapping):  # {"val": [...]} style
-            if "val" not in splits:
-                raise DataError(f"{path}: expected a 'val' list")
-            return list(splits["val"])
         if not 0 <= f < len(splits):
             raise ConfigError(f"--fold {f} is out of range: {path} has {len(splits)} folds")
-        return list(splits[f]["val"])
+        if subset not in splits[f]:
+            raise ConfigError(f"{path}: fold {f} has no {subset!r} list ({', '.join(splits[f])})")
+        return list(splits[f][subset])
     if fold is not None:
         raise ConfigError("--fold needs a JSON splits file")
     ids = [
@@ -528,12 +541,13 @@ def main(args: argparse.Namespace) -> int:
     ds = load_dataset(args.data)
     if args.fold is not None and args.split is None:
         raise ConfigError("--fold needs --split FILE")
-    case_ids = _case_ids_from_split(args.split, args.fold, ds) if args.split else None
+    case_ids = _case_ids_from_split(args.split, args.fold, ds, args.subset) if args.split else None
     from medsa.engine.perf import resolve_device
 
     device = resolve_device(args.device)
     model = load_model(args.backbone, args.checkpoint, args.adapter, device)
-    method = args.name or (args.backbone + (f" + {args.adapter.stem}" if args.adapter else ""))
+    backbone = getattr(model, "name", None) or args.backbone or "lite_medsam"
+    method = args.name or (backbone + (f" + {args.adapter.stem}" if args.adapter else ""))
     res = evaluate_model(
         model,
         ds,

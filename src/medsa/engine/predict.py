@@ -456,7 +456,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--everything", action="store_true", help="SAM automatic mode: label every object"
     )
-    p.add_argument("--backbone", default="lite_medsam", help="SAM backbone (default: lite_medsam)")
+    p.add_argument(
+        "--backbone", help="SAM backbone (default: the adapter's backbone, else lite_medsam)"
+    )
     p.add_argument("--checkpoint", type=Path, help="backbone weights (default: the backbone's own)")
     p.add_argument("--adapter", type=Path, help="adapter saved by 'medsa train'")
     p.add_argument("--suffix", default="_mask", help="added to output names (default: _mask)")

@@ -112,3 +112,15 @@ def test_real_datasets_have_no_errors(name):
     r = check_dataset(DATA / name)
     assert r.n_checked == r.n_cases > 0
     assert r.n_errors == 0, r.format_table(max_rows=20)
+
+
+def test_ignore_label_value_is_allowed(tmp_path):
+    root = make_nnunet_dataset(tmp_path / "n", n=1)
+    meta = json.loads((root / "dataset.json").read_text())
+    lab = np.zeros((6, 10, 12), np.uint8)
+    lab[1, 1, 1], lab[2, 2, 2] = 1, 3
+    write_image(lab, root / "labelsTr" / "case0.nii.gz", like=Image(lab, spacing=(3.0, 1.0, 1.0)))
+    assert check_dataset(root).n_errors == 1  # 3 is undeclared
+    meta["labels"]["ignore"] = 3
+    (root / "dataset.json").write_text(json.dumps(meta))
+    assert check_dataset(root).n_errors == 0

@@ -210,3 +210,24 @@ def test_real_layouts():
     assert (
         img.array.ndim == 3 and set(t) == {"RV", "MYO", "LV"} and all(v.any() for v in t.values())
     )
+
+
+def test_malformed_dataset_json_and_ignore_label(tmp_path):
+    root = make_nnunet_dataset(tmp_path / "D", n=2)
+    meta = json.loads((root / "dataset.json").read_text())
+    (root / "dataset.json").write_text(json.dumps({**meta, "channel_names": {"zero": "CT"}}))
+    with pytest.raises(DataError, match="malformed"):
+        load_dataset(root)
+    meta["labels"]["ignore"] = 9
+    (root / "dataset.json").write_text(json.dumps(meta))
+    info = load_dataset(root)
+    assert info.classes == {"RV": 1, "LV": 2} and info.ignore_value == 9
+
+
+def test_dataset_without_any_target_for_class_is_an_error(tmp_path):
+    root = make_folder_dataset(tmp_path / "ds", n=2)
+    for p in (root / "masks_cup").iterdir():
+        write_image(np.zeros((20, 30), np.uint8), p)
+    info = load_dataset(root)
+    with pytest.raises(DataError, match="no slice with a non-empty target"):
+        SliceDataset2D(info, class_name="cup")

@@ -237,3 +237,10 @@ def test_write_is_atomic_and_checks_shape(tmp_path):
     ref = _ref3d(_volume())
     with pytest.raises(DataError, match="does not match"):
         write_image(np.zeros((5, 9, 7)), tmp_path / "p.nii.gz", like=ref)
+
+
+def test_write_into_unusable_folder(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(DataError, match="output folder"):
+        write_image(np.zeros((4, 4), np.uint8), blocker / "sub" / "a.png")

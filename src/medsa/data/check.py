@@ -231,7 +231,7 @@ def _check_label(info, lp: Path, lab, ref, report: CheckReport) -> None:
                 f"mask values {shown}{'...' if len(values) > 8 else ''} are not binary 0/255 or 0/1",
             )
     elif info.label_values_declared:
-        allowed = {0}
+        allowed = {0} if info.ignore_value is None else {0, info.ignore_value}
         for v in info.classes.values():
             allowed |= set(v) if isinstance(v, tuple) else {int(v)}
         extra = sorted(values - allowed)

@@ -131,6 +131,7 @@ class DatasetInfo:
         unlabelled: cases without label (e.g. ``imagesTs``, or images without a mask).
         issues: problems found while indexing (labels without image, missing channels, ...).
         label_values_declared: whether ``classes`` came from ``dataset.json`` (vs inferred).
+        ignore_value: nnU-Net ``"ignore"`` label value (unlabelled voxels), if declared.
     """
 
     root: Path
@@ -143,6 +144,7 @@ class DatasetInfo:
     unlabelled: list[Case] = field(default_factory=list)
     issues: list[Issue] = field(default_factory=list)
     label_values_declared: bool = False
+    ignore_value: int | None = None
 
     @property
     def case_ids(self) -> list[str]:
@@ -264,7 +266,16 @@ def load_dataset(
     if not r.is_dir():
         raise DataError(f"{r}: not a folder")
     if (r / "imagesTr").is_dir():
-        info = _load_nnunet(r) if (r / "dataset.json").is_file() else _load_imagestr(r, classes)
+        if (r / "dataset.json").is_file():
+            try:
+                info = _load_nnunet(r)
+            except (KeyError, TypeError, ValueError, AttributeError, IndexError) as e:
+                raise DataError(
+                    f"{r / 'dataset.json'}: malformed ({type(e).__name__}: {e}); see the nnU-Net "
+                    "dataset.json format (labels, channel_names, file_ending)"
+                ) from None
+        else:
+            info = _load_imagestr(r, classes)
     elif (r / "images").is_dir():
         info = _load_folder(r)
     else:
@@ -368,6 +379,10 @@ def _load_nnunet(root: Path) -> DatasetInfo:
     if not isinstance(meta, dict) or "labels" not in meta:
         raise DataError(f"{root / 'dataset.json'}: needs a 'labels' entry")
     classes = _parse_labels(meta["labels"], root / "dataset.json")
+    ign = meta["labels"].get("ignore") if isinstance(meta["labels"], dict) else None
+    ignore = (
+        int(ign) if isinstance(ign, int | float | str) and str(ign).lstrip("-").isdigit() else None
+    )
     ch = meta.get("channel_names", meta.get("modality", {"0": "image"}))
     channel_names = tuple(str(ch[k]) for k in sorted(ch, key=lambda k: int(k)))
     issues: list[Issue] = []
@@ -390,7 +405,7 @@ def _load_nnunet(root: Path) -> DatasetInfo:
                 Issue(str(c.images[0]), "error", "label listed in dataset.json is missing")
             )
         return DatasetInfo(
-            root, "nnunet", 3, classes, labelled, channel_names, ending, unl, issues, True
+            root, "nnunet", 3, classes, labelled, channel_names, ending, unl, issues, True, ignore
         )
     ending = str(meta.get("file_ending", ".nii.gz"))
     info = _pair_images_labels(root, ending, issues)
@@ -410,7 +425,7 @@ def _load_nnunet(root: Path) -> DatasetInfo:
             good.append(c)
     dim = 3 if ending in _VOLUME_EXTS else 2
     return DatasetInfo(
-        root, "nnunet", dim, classes, good, channel_names, ending, info[1], issues, True
+        root, "nnunet", dim, classes, good, channel_names, ending, info[1], issues, True, ignore
     )
 
 
@@ -425,7 +440,7 @@ def _parse_labels(labels: Any, where: Path) -> dict[str, int | tuple[int, ...]]:
                     out[str(v)] = int(k)
         else:  # nnU-Net v2: {"background": 0, "RV": 1, "region": [1, 2]}
             for k, v in labels.items():
-                if k == "background" or v == 0:
+                if k in ("background", "ignore") or v == 0:  # nnU-Net "ignore": not a class
                     continue
                 out[str(k)] = tuple(int(x) for x in v) if isinstance(v, list | tuple) else int(v)
     except (TypeError, ValueError) as e:
@@ -673,6 +688,11 @@ class SliceDataset2D(_Base):
                 t = targets[cname]
                 zs = range(t.shape[0]) if include_empty else np.nonzero(t.any(axis=(1, 2)))[0]
                 self.index += [(ci, int(z), cname) for z in zs]
+        if not self.index:
+            raise DataError(
+                f"{info.root}: no slice with a non-empty target for class(es) {self.classes} in the "
+                f"{len(self.cases)} selected case(s)"
+            )
 
     def __len__(self) -> int:
         return len(self.index)
@@ -750,6 +770,11 @@ class ChunkDataset3D(_Base):
                     if only_nonempty and not t[idx[idx >= 0]].any():
                         continue
                     self.index.append((ci, idx, cname))
+        if not self.index:
+            raise DataError(
+                f"{info.root}: no chunk with a non-empty target for class(es) {self.classes} in the "
+                f"{len(self.cases)} selected case(s)"
+            )
 
     def _load_resized(
         self, case: Case

@@ -275,8 +275,10 @@ def read_image(path: str | os.PathLike[str]) -> Image:
     }
     try:
         img = readers[fmt](p)
-    except DataError:
-        raise
+    except DataError as e:
+        if str(p) in str(e):
+            raise
+        raise DataError(f"{p}: {e}") from None
     except MemoryError:
         raise DataError(f"{p}: not enough memory to read this image") from None
     except Exception as e:  # any library failure on a bad file becomes a user-facing error
@@ -290,6 +292,8 @@ def read_image(path: str | os.PathLike[str]) -> Image:
 def _read_raster(p: Path) -> Image:
     from PIL import Image as PILImage
 
+    # EXIF orientation is deliberately NOT applied: masks carry none, so rotating only the image
+    # would misalign image and mask.
     with PILImage.open(p) as im:
         im.load()  # force decoding now so truncated files fail here
         mode = im.mode
@@ -524,7 +528,10 @@ def write_image(
         raise DataError(f"{p}: refusing to write an empty array (shape {img.array.shape})")
     writers = {"nifti": _write_nifti, "mha": _write_sitk, "nrrd": _write_sitk, "tiff": _write_tiff}
     writer = writers.get(fmt, _write_raster)
-    p.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        p.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise DataError(f"{p}: cannot create the output folder ({e})") from None
     suffix = ".nii.gz" if name.endswith(".nii.gz") else p.suffix
     tmp = p.parent / f".{p.name}.{uuid.uuid4().hex[:8]}.tmp{suffix}"
     try:

@@ -452,6 +452,7 @@ class SegmentationService:
                 f"{filename!r}: unsupported file type; accepted: "
                 + " ".join(s for s in sorted(set(_accepted_suffixes())))
             )
+        self.upload_dir.mkdir(parents=True, exist_ok=True)
         return self.upload_dir / f"{uuid.uuid4().hex}{suf}"
 
     # ------------------------------------------------------------------ inference

@@ -231,3 +231,27 @@ def test_dataset_without_any_target_for_class_is_an_error(tmp_path):
     info = load_dataset(root)
     with pytest.raises(DataError, match="no slice with a non-empty target"):
         SliceDataset2D(info, class_name="cup")
+
+
+def test_nnunet_2d_png_dataset(tmp_path):
+    root = tmp_path / "Dataset002_2d"
+    (root / "imagesTr").mkdir(parents=True)
+    (root / "labelsTr").mkdir()
+    for i in range(3):
+        write_image(np.full((16, 24), 40 * i, np.uint8), root / "imagesTr" / f"im{i}_0000.png")
+        lab = np.zeros((16, 24), np.uint8)
+        lab[1:4, 15:20] = 1
+        lab[10:12, 2:5] = 2
+        write_image(lab, root / "labelsTr" / f"im{i}.png")
+    meta = {
+        "channel_names": {"0": "R"},
+        "labels": {"background": 0, "a": 1, "b": 2},
+        "file_ending": ".png",
+    }
+    (root / "dataset.json").write_text(json.dumps(meta))
+    info = load_dataset(root)
+    assert info.dim == 2 and info.case_ids == ["im0", "im1", "im2"]
+    img, t = info.load_case(info.cases[0])
+    assert img.array.shape == (16, 24) and t["a"][2, 16] and t["b"][11, 3] and not t["a"][11, 3]
+    ds = SliceDataset2D(info, transform=SamTransform(size=32), prompt="3pt")
+    assert len(ds) == 6 and ds[0]["points"].shape == (3, 2)

@@ -244,3 +244,23 @@ def test_write_into_unusable_folder(tmp_path):
     blocker.write_text("x")
     with pytest.raises(DataError, match="output folder"):
         write_image(np.zeros((4, 4), np.uint8), blocker / "sub" / "a.png")
+
+
+def test_single_dicom_falls_back_to_simpleitk_when_pydicom_cannot_decode(tmp_path, monkeypatch):
+    import pydicom.dataset
+    import SimpleITK as sitk
+
+    arr = np.arange(7 * 9, dtype=np.int16).reshape(7, 9)
+    sl = sitk.GetImageFromArray(arr)
+    sl.SetSpacing((0.9, 0.7))
+    path = tmp_path / "one.dcm"
+    sitk.WriteImage(sl, str(path))
+
+    def no_decoder(self):
+        raise RuntimeError("no pixel data handler for this transfer syntax")
+
+    monkeypatch.setattr(pydicom.dataset.Dataset, "pixel_array", property(no_decoder))
+    img = read_image(path)
+    assert img.array.shape == (7, 9) and img.spatial_ndim == 2
+    np.testing.assert_array_equal(img.array, arr)
+    np.testing.assert_allclose(img.spacing, (0.7, 0.9), rtol=1e-5)

@@ -441,7 +441,15 @@ def _read_dicom_file(p: Path) -> Image:
     ds = pydicom.dcmread(str(p))
     if "PixelData" not in ds:
         raise DataError(f"{p}: DICOM file has no pixel data")
-    arr = ds.pixel_array
+    try:
+        arr = ds.pixel_array
+    except Exception as e:  # compressed transfer syntax without a pydicom decoder plugin
+        import SimpleITK as sitk
+
+        try:
+            return _squeeze_single_slice(_from_sitk(sitk.ReadImage(str(p)), "dicom"))
+        except RuntimeError:
+            raise DataError(f"{p}: cannot decode DICOM pixel data ({e})") from None
     slope = float(getattr(ds, "RescaleSlope", 1.0) or 1.0)
     inter = float(getattr(ds, "RescaleIntercept", 0.0) or 0.0)
     if slope != 1.0 or inter != 0.0:
@@ -465,6 +473,23 @@ def _read_dicom_file(p: Path) -> Image:
         d2 = np.eye(2)
     return Image(arr, spacing=(sy, sx), origin=tuple(ipp[:2]), direction=d2, format="dicom",
                  mode="RGB" if spp == 3 else None, meta=meta, spatial_ndim=2)  # fmt: skip
+
+
+def _squeeze_single_slice(img: Image) -> Image:
+    """GDCM reads a single 2D DICOM as a ``(1, H, W)`` volume: make it ``(H, W)`` like pydicom."""
+    if img.is_3d and img.channel_axis is None and img.array.shape[0] == 1:
+        return Image(
+            img.array[0],
+            spacing=img.spacing[1:],
+            origin=img.origin[:2],
+            direction=img.direction[:2, :2]
+            if abs(np.linalg.det(img.direction[:2, :2])) > 0.999
+            else None,
+            format=img.format,
+            meta=img.meta,
+            spatial_ndim=2,
+        )
+    return img
 
 
 # --------------------------------------------------------------------------- writing

@@ -82,7 +82,7 @@ class CheckReport:
         if rows:
             shown = rows if max_rows is None else rows[:max_rows]
             names = [_rel(i["path"], root) for i in shown]
-            w = min(max(len(n) for n in names), 60)
+            w = max(4, min(max(len(n) for n in names), 60))
             lines.append("")
             lines.append(f"{'severity':<8}  {'file':<{w}}  problem")
             lines.append(f"{'-' * 8}  {'-' * w}  {'-' * 7}")

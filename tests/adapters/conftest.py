@@ -40,3 +40,13 @@ def tiny():
 def randomize():
     """``randomize(module, seed=1, std=0.1)`` fills every adapter parameter with noise."""
     return randomize_adapters
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """These models are tiny: one intra-op thread is faster than two on a shared 2-core box
+    (measured ~8x under load), and the setting is restored after each test."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

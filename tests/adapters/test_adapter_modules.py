@@ -44,7 +44,7 @@ def _hyper_reference(m: HyPAdapter, q: torch.Tensor, pe: torch.Tensor) -> torch.
         sparse = pe[i, m.num_output_tokens :]
         pooled = sparse.mean(0) if len(sparse) else torch.zeros(c)
         for t in range(n):
-            e = F.relu(m.down(q[i, t]))  # (r,)
+            e = m.down(q[i, t])  # (r,) e_down
             p = m.prompt_reduce(torch.cat([pe[i, t], pooled]))
             for mlp, norm in zip(m.hyper, m.norms, strict=True):
                 w = mlp(p).reshape(m.mid_dim, m.mid_dim)  # eq. (1): W = Re(M(e_prompt))

@@ -113,7 +113,7 @@ class Adapter(AdapterModule):
 class HyPAdapter(AdapterModule):
     """Hyper-Prompting Adapter (HyP-Adpt, paper Sec. 3.4, eq. 1-2) for the decoder's prompt tokens.
 
-    ``e_down = act(down(queries))`` is ``(B, N, r)``. The *prompt embedding* ``e_prompt`` is, for
+    ``e_down = down(queries)`` is ``(B, N, r)``. The *prompt embedding* ``e_prompt`` is, for
     every token ``n``, the concatenation of that token's positional embedding ``query_pe[:, n]``
     (for SAM this is the token itself: output tokens + sparse point/box embeddings) with the mean
     of the sparse prompt tokens ``query_pe[:, num_output_tokens:]``, reduced by a linear layer to
@@ -190,19 +190,22 @@ class HyPAdapter(AdapterModule):
                 f"HyP-Adpt needs queries and prompt embeddings of the same shape, got "
                 f"{tuple(queries.shape)} and {tuple(query_pe.shape)}"
             )
-        e = self.act(self.down(queries))
         if self.mode == "none":
-            return self.up(e)
+            return self.up(self.act(self.down(queries)))
         p = self.prompt_embedding(query_pe)
         if self.mode == "hyper":
+            # The hyper layers supply the non-linearity (ReLU(Norm(.)), eq. 2); a ReLU on e_down
+            # first could zero a token's whole reduced embedding, and LayerNorm(0) @ W stays 0,
+            # so the adapter would be dead for that token (seen with small ranks).
+            e = self.down(queries)
             b, n, r = e.shape
             for mlp, norm in zip(self.hyper, self.norms, strict=True):
                 w = mlp(p).view(b, n, r, r)
                 e = F.relu(norm(torch.einsum("bni,bnio->bno", e, w)))
         elif self.mode == "add":
-            e = e + self.prompt_proj(p)
+            e = self.act(self.down(queries)) + self.prompt_proj(p)
         else:  # concat
-            e = self.act(self.fuse(torch.cat([e, p], dim=-1)))
+            e = self.act(self.fuse(torch.cat([self.act(self.down(queries)), p], dim=-1)))
         return self.up(e)
 
 

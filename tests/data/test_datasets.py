@@ -255,3 +255,13 @@ def test_nnunet_2d_png_dataset(tmp_path):
     assert img.array.shape == (16, 24) and t["a"][2, 16] and t["b"][11, 3] and not t["a"][11, 3]
     ds = SliceDataset2D(info, transform=SamTransform(size=32), prompt="3pt")
     assert len(ds) == 6 and ds[0]["points"].shape == (3, 2)
+
+
+def test_volume_channels_are_scaled_separately(tmp_path):
+    info = load_dataset(make_nnunet_dataset(tmp_path / "D", n=1))
+    raw = SliceDataset2D(info, transform=lambda s: s)
+    img = raw[0]["image"]
+    assert img.shape == (10, 12, 2)  # (H, W, C) slice of a (C, D, H, W) case
+    # channel 1 has values ~100 higher; after per-channel percentile scaling both span [0, 255]
+    assert abs(float(img[..., 0].mean()) - float(img[..., 1].mean())) < 40
+    assert img.min() >= 0 and img.max() <= 255

@@ -582,8 +582,9 @@ class _Base:
             img, targets = self.info.load_case(case)
             if not np.isfinite(img.array).all():
                 raise DataError(f"case {case.id}: image contains NaN/inf ({case.images[0]})")
-            # per case (consistent across slices) and per channel (modalities differ in range)
-            if img.channel_axis is None or img.array.dtype == np.uint8:
+            # per case (consistent across slices); per channel for volumes, whose channels are
+            # modalities with different ranges (2D channels are colours: scaled jointly)
+            if img.channel_axis != 0 or img.array.dtype == np.uint8:
                 arr = scale_intensity(img.array, self.intensity)
             else:
                 ax = img.channel_axis

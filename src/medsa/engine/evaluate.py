@@ -25,7 +25,6 @@ import numpy as np
 
 from medsa.engine.inference import (
     PROTOCOLS,
-    _decode_one,
     _rgb,
     add_click,
     as_predictor,
@@ -326,13 +325,18 @@ def _evaluate_case(
             for combo, mk in zip(todo, out, strict=True):
                 _put(preds[combo], z, mk)
         if cfg.noc_clicks:
-            for cls, m in gt2.items():
-                if m.any():
-                    series = _click_series(
-                        predictor, m, cfg.noc_clicks, noc_rngs[cls], get_protocol("1pt"), next_click
-                    )
-                    for k, mk in enumerate(series):
-                        _put(noc_masks[cls][k], z, mk)
+            present = [c for c, m in gt2.items() if m.any()]
+            series = _click_series(
+                predictor,
+                [gt2[c] for c in present],
+                cfg.noc_clicks,
+                [noc_rngs[c] for c in present],
+                get_protocol("1pt"),
+                next_click,
+            )
+            for cls, masks in zip(present, series, strict=True):
+                for k, mk in enumerate(masks):
+                    _put(noc_masks[cls][k], z, mk)
 
     rows = []
     store = []
@@ -373,26 +377,36 @@ def _put(volume: np.ndarray, z: int | None, mask: np.ndarray) -> None:
 
 def _click_series(
     predictor: Any,
-    target: np.ndarray,
+    targets: Sequence[np.ndarray],
     n: int,
-    rng: np.random.Generator,
+    rngs: Sequence[np.random.Generator],
     first_fn: Any,
     next_click: Any,
-) -> list[np.ndarray]:
-    """Masks after 1..n clicks on the image already set in ``predictor`` (see
-    :func:`medsa.engine.inference.iterate_clicks`); the previous logits are fed back."""
-    prompt = from_data_prompt(first_fn(target, rng))
-    out: list[np.ndarray] = []
+) -> list[list[np.ndarray]]:
+    """For each target ``(H, W)``: the masks after 1..n clicks on the image already set in
+    ``predictor`` (as :func:`medsa.engine.inference.iterate_clicks`, previous logits fed back).
+
+    Targets are independent objects, so click k of all of them is decoded as one batch.
+    """
+    prompts = [from_data_prompt(first_fn(t, r)) for t, r in zip(targets, rngs, strict=True)]
+    out: list[list[np.ndarray]] = [[] for _ in targets]
+    active = list(range(len(targets)))
     for i in range(n):
-        mask, _, logits = _decode_one(predictor, prompt)
-        out.append(mask)
-        if i == n - 1:
+        if not active:
             break
-        nc = next_click(mask, target, rng)
-        if nc is None:  # already perfect: the curve stays flat
-            out += [mask] * (n - 1 - i)
-            break
-        prompt = add_click(prompt, nc[0], nc[1], logits)
+        masks, _, logits = decode_prompts(predictor, [prompts[j] for j in active])
+        still = []
+        for mask, lg, j in zip(masks, logits, active, strict=True):
+            out[j].append(mask)
+            if i == n - 1:
+                continue
+            nc = next_click(mask, targets[j], rngs[j])
+            if nc is None:  # already perfect: the curve stays flat
+                out[j] += [mask] * (n - 1 - i)
+                continue
+            prompts[j] = add_click(prompts[j], nc[0], nc[1], lg)
+            still.append(j)
+        active = still
     return out
 
 

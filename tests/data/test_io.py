@@ -47,6 +47,14 @@ def test_volume_roundtrip(tmp_path, ext):
     np.testing.assert_allclose(img.direction, DIR3, atol=1e-5)
     np.testing.assert_allclose(img.affine, ref.affine, atol=1e-4)
     assert img.is_3d and img.spatial_shape == (5, 7, 9)
+    # an independent reader (SimpleITK, what nnU-Net uses) sees the same geometry and voxels
+    import SimpleITK as sitk
+
+    s = sitk.ReadImage(str(out))
+    np.testing.assert_allclose(s.GetSpacing(), (0.9, 0.7, 2.5), rtol=1e-6)
+    np.testing.assert_allclose(s.GetOrigin(), ref.origin, atol=1e-4)
+    np.testing.assert_allclose(np.reshape(s.GetDirection(), (3, 3)), DIR3, atol=1e-5)
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(s), arr)
 
 
 def test_nifti_axis_mapping_matches_simpleitk(tmp_path):

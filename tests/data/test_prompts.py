@@ -176,3 +176,18 @@ def test_per_slice_prompts_and_with_click():
     assert p.points.tolist() == [[3.0, 4.0]] and p.labels.tolist() == [0] and p.box is not None
     with pytest.raises(PromptError):
         Prompt(np.zeros((2, 2)), np.zeros(3))
+
+
+def test_prompt_validate_checks_xy_bounds():
+    ok = Prompt(np.array([[59.0, 5.0]]), np.array([1]))
+    assert ok.validate((40, 60)) is ok  # x up to W-1 = 59 is inside a 40x60 (HxW) image
+    with pytest.raises(PromptError, match="outside"):
+        Prompt(np.array([[5.0, 59.0]]), np.array([1])).validate((40, 60))  # y too large: swapped
+    with pytest.raises(PromptError, match="box corner"):
+        Prompt(np.zeros((0, 2)), np.zeros(0), box=[0, 0, 70, 10]).validate((40, 60))
+    with pytest.raises(PromptError, match="empty prompt"):
+        Prompt(np.zeros((0, 2)), np.zeros(0)).validate((40, 60))
+    with pytest.raises(PromptError, match="labels"):
+        Prompt(np.array([[1.0, 1.0]]), np.array([2])).validate((40, 60))
+    with pytest.raises(PromptError, match="finite"):
+        Prompt(np.array([[np.nan, 1.0]]), np.array([1])).validate((40, 60))

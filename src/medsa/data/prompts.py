@@ -64,6 +64,35 @@ class Prompt:
                 )
             object.__setattr__(self, "box", box)
 
+    def validate(self, image_size: tuple[int, int]) -> Prompt:
+        """Check the prompt lies inside an ``(H, W)`` image; returns ``self``.
+
+        Raises:
+            PromptError: non-finite values, a point or box outside ``[0, W) x [0, H)``, a point
+                label other than 0/1, or a prompt with neither points nor box.
+        """
+        h, w = image_size
+        if len(self.points) == 0 and self.box is None:
+            raise PromptError("empty prompt: give at least one point or a box")
+        if not np.isfinite(self.points).all() or (
+            self.box is not None and not np.isfinite(self.box).all()
+        ):
+            raise PromptError("prompt coordinates must be finite numbers")
+        if len(self.labels) and not np.isin(self.labels, (0, 1)).all():
+            raise PromptError(
+                f"point labels must be 1 (positive) or 0 (negative), got {np.unique(self.labels)}"
+            )
+        for name, xy in [("point", p) for p in self.points] + (
+            [("box corner", self.box[:2]), ("box corner", self.box[2:])]
+            if self.box is not None
+            else []
+        ):
+            if not (0 <= xy[0] < w and 0 <= xy[1] < h):
+                raise PromptError(
+                    f"{name} (x={xy[0]:g}, y={xy[1]:g}) lies outside the {w}x{h} (WxH) image"
+                )
+        return self
+
     def with_click(self, xy: np.ndarray, label: int) -> Prompt:
         """A new prompt with one more point appended (iterative refinement)."""
         return Prompt(

@@ -126,6 +126,11 @@ def test_click_mask_save_2d_and_3d(browser_page, make_app, roots):
         page.keyboard.press("s")
         expect(page.locator("body")).to_have_attribute("data-saved", "vol_mask.nii.gz")
 
+        # upload from the file picker opens the image too
+        page.set_input_files("#upload", str(roots["root"] / "rgb.png"))
+        expect(page.locator("#image-name")).to_have_text("rgb.png", timeout=20000)
+        expect(page.locator("#slice-bar")).to_be_hidden()
+
     import nibabel as nib
     from serve_helpers import VOLUME_AFFINE
 

@@ -28,6 +28,7 @@
     root: 0, path: "",   // browser position
     seq: 0,              // request counter: stale prediction responses are dropped
     drag: null,          // mouse drag in progress
+    dirty: false,        // masks changed since the last save
   };
 
   // ------------------------------------------------------------------ helpers
@@ -136,7 +137,11 @@
 
   function showError(e) { setStatus(e.message || String(e), "error"); }
 
+  const confirmDiscard = () =>
+    !state.dirty || window.confirm("The current masks are not saved. Open another image anyway?");
+
   async function openImage(root, path, li) {
+    if (!confirmDiscard()) return;
     setStatus(`opening ${path} …`, "busy");
     const info = await api("/api/open", { json: { root, path } });
     for (const el of ui.fileList.querySelectorAll(".active")) el.classList.remove("active");
@@ -145,6 +150,7 @@
   }
 
   async function uploadFile(file) {
+    if (!confirmDiscard()) return;
     setStatus(`uploading ${file.name} …`, "busy");
     const info = await api(`/api/upload?filename=${encodeURIComponent(file.name)}`, { body: file });
     await showImage(info);
@@ -153,6 +159,7 @@
   // ------------------------------------------------------------------ image display
   async function showImage(info) {
     state.info = info; state.raw.clear(); state.prompts.clear(); state.results.clear();
+    state.dirty = false;
     state.seq++;
     state.z = info.ndim === 3 ? Math.floor(info.slices / 2) : 0;
     ui.image.width = ui.overlay.width = info.width;
@@ -350,6 +357,7 @@
       },
     });
     if (seq !== state.seq || state.info !== info) return;  // superseded by a newer prompt
+    state.dirty = true;
     const n = info.width * info.height;
     state.results.set(z, {
       masks: res.masks.map((m) => ({ bits: rleDecode(m.rle, n), score: m.score, area: m.area })),
@@ -432,6 +440,7 @@
     ui.download.href = res.download; ui.download.download = res.name; ui.download.hidden = false;
     ui.saveInfo.textContent = `saved ${res.path} (${res.foreground} px)`;
     document.body.dataset.saved = res.name;
+    state.dirty = false;
     setStatus(`saved ${res.name}`);
   }
 
@@ -475,6 +484,10 @@
     } else if (["1", "2", "3"].includes(k)) chooseCandidate(Number(k) - 1);
     else if (k === "arrowup" || k === "pageup") { ev.preventDefault(); gotoSlice(state.z + 1).catch(showError); }
     else if (k === "arrowdown" || k === "pagedown") { ev.preventDefault(); gotoSlice(state.z - 1).catch(showError); }
+  });
+
+  window.addEventListener("beforeunload", (ev) => {
+    if (state.dirty) { ev.preventDefault(); ev.returnValue = ""; }
   });
 
   loadInfo().catch(showError);

@@ -31,20 +31,26 @@ def _paths(path: str | Path) -> tuple[Path, Path]:
 
 
 def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The tensors a method owns: every tunable parameter plus all parameters and buffers of
-    adapter modules (frozen ones included, e.g. MA-SAM's positional-encoding copy). Shared
-    tensors appear once, under their first name."""
+    """The tensors a method owns: every tunable parameter, all parameters and persistent buffers
+    of adapter modules (frozen ones included, e.g. MA-SAM's positional-encoding copy), and the
+    persistent buffers of fully fine-tuned components (e.g. the prompt encoder's random Fourier
+    matrix). Shared tensors appear once, under their first name."""
     adapter_prefixes = [n for n, m in model.named_modules() if isinstance(m, AdapterModule)]
 
     def in_adapter(name: str) -> bool:
         return any(name.startswith(p + ".") for p in adapter_prefixes)
 
     out: dict[str, torch.Tensor] = {}
+    fully_trained: dict[str, bool] = {}
     for name, p in model.named_parameters():
+        top = name.split(".", 1)[0]
+        fully_trained[top] = fully_trained.get(top, True) and p.requires_grad
         if p.requires_grad or in_adapter(name):
             out[name] = p
+    persistent = set(model.state_dict(keep_vars=True))
     for name, b in model.named_buffers():
-        if in_adapter(name) and name not in out:
+        keep = in_adapter(name) or fully_trained.get(name.split(".", 1)[0], False)
+        if keep and name in persistent and name not in out:
             out[name] = b
     return out
 

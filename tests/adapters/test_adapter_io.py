@@ -1,0 +1,136 @@
+"""save_adapter / load_adapter round trips and mismatch errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from medsa.adapters import (
+    FullFTConfig,
+    LoRAConfig,
+    MASAMConfig,
+    MedSAConfig,
+    apply_method,
+    load_adapter,
+    save_adapter,
+)
+from medsa.errors import CheckpointError, ConfigError
+
+DEPTH = 2
+
+
+def _outputs(model):
+    torch.manual_seed(123)
+    x = torch.randn(2 * DEPTH, 3, 128, 128)
+    points = (torch.rand(2 * DEPTH, 1, 2) * 128, torch.ones(2 * DEPTH, 1, dtype=torch.long))
+    with torch.no_grad():
+        emb = model.image_encoder(x, depth=DEPTH)
+        out = [emb, *model.predict_masks(emb, points=points)]
+        if hasattr(model, "masam_decoder"):
+            out.append(model.masam_decoder(emb))
+    return out
+
+
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        MedSAConfig(rank=4, sd_trans=True, sd_fusion="cross_attn"),
+        MASAMConfig(fact_rank=4, adapter_dim=8, num_classes=3),
+        LoRAConfig(rank=2),
+    ],
+    ids=["medsa", "masam", "lora"],
+)
+def test_round_trip_on_fresh_backbone(cfg, tiny, randomize, tmp_path):
+    model = apply_method(tiny(0), cfg)
+    randomize(model, std=0.2)
+    with torch.no_grad():  # pretend the decoder was fine-tuned too (MA-SAM / LoRA train it)
+        for n, p in model.named_parameters():
+            if p.requires_grad and n.startswith("mask_decoder."):
+                p.add_(0.01)
+    st = save_adapter(model, tmp_path / "run" / "best")
+    assert st.name == "best.safetensors" and (tmp_path / "run" / "best.json").is_file()
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["best.json", "best.safetensors"]
+    meta = json.loads((tmp_path / "run" / "best.json").read_text())
+    assert meta["backbone"] == "vit_tiny" and meta["method"]["method"] == cfg.method
+    # only the method's tensors are stored, not the frozen backbone
+    keys = set(load_file(str(st)))
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable <= keys and not any(k.startswith("image_encoder.patch_embed") for k in keys)
+
+    restored = load_adapter(tiny(0), tmp_path / "run" / "best.json")  # suffix is optional
+    assert type(restored.medsa_method) is type(cfg)
+    for a, b in zip(_outputs(model), _outputs(restored), strict=True):
+        assert torch.equal(a, b)
+    # a different frozen backbone gives different outputs: the file really holds only adapters
+    other = load_adapter(tiny(7), tmp_path / "run" / "best")
+    assert not torch.equal(_outputs(other)[0], _outputs(model)[0])
+
+
+def test_full_finetune_round_trip_from_backbone_name(tiny, tmp_path):
+    model = apply_method(tiny(0), FullFTConfig())
+    restored = load_adapter("vit_tiny", save_adapter(model, tmp_path / "full"))
+    for a, b in zip(_outputs(model), _outputs(restored), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_mismatches_raise_checkpoint_errors(tiny, tmp_path):
+    model = apply_method(tiny(0), MedSAConfig(rank=4))
+    save_adapter(model, tmp_path / "a")
+    js = tmp_path / "a.json"
+    meta = json.loads(js.read_text())
+
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_adapter(tiny(0), tmp_path / "missing")
+    with pytest.raises(CheckpointError, match="already applied"):
+        load_adapter(model, tmp_path / "a")
+
+    js.write_text(json.dumps({**meta, "backbone": "vit_b"}))
+    with pytest.raises(CheckpointError, match="trained on backbone 'vit_b'"):
+        load_adapter(tiny(0), tmp_path / "a")
+
+    js.write_text(json.dumps({**meta, "method": {**meta["method"], "rank": 8}}))
+    with pytest.raises(CheckpointError, match="wrong shapes"):
+        load_adapter(tiny(0), tmp_path / "a")
+
+    js.write_text(json.dumps({**meta, "method": {**meta["method"], "sd_trans": True}}))
+    with pytest.raises(CheckpointError, match="missing image_encoder.blocks.0.depth_branch"):
+        load_adapter(tiny(0), tmp_path / "a")
+
+    js.write_text(json.dumps({**meta, "method": {**meta["method"], "rank": -1}}))
+    with pytest.raises(CheckpointError, match="invalid method config"):
+        load_adapter(tiny(0), tmp_path / "a")
+
+    js.write_text(json.dumps(meta))
+    tensors = load_file(str(tmp_path / "a.safetensors"))
+    save_file({**tensors, "image_encoder.extra": torch.zeros(1)}, str(tmp_path / "a.safetensors"))
+    with pytest.raises(CheckpointError, match="unexpected image_encoder.extra"):
+        load_adapter(tiny(0), tmp_path / "a")
+
+    (tmp_path / "a.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(CheckpointError, match="unreadable"):
+        load_adapter(tiny(0), tmp_path / "a")
+    js.write_text("{not json")
+    with pytest.raises(CheckpointError, match="unreadable"):
+        load_adapter(tiny(0), tmp_path / "a")
+
+
+def test_save_needs_a_method_and_keeps_old_files_on_failure(tiny, tmp_path, monkeypatch):
+    with pytest.raises(ConfigError, match="apply_method"):
+        save_adapter(tiny(0), tmp_path / "x")
+    model = apply_method(tiny(0), LoRAConfig(rank=2))
+    save_adapter(model, tmp_path / "x")
+    before = (tmp_path / "x.safetensors").read_bytes()
+
+    import safetensors.torch
+
+    def boom(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", boom)
+    with pytest.raises(OSError, match="disk full"):
+        save_adapter(model, tmp_path / "x")
+    assert (tmp_path / "x.safetensors").read_bytes() == before  # untouched, no temp left
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x.json", "x.safetensors"]

@@ -1,0 +1,131 @@
+"""Parameter counts on the meta device, the ``medsa params`` command and method configs."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from medsa.adapters import (
+    LoRAConfig,
+    MASAMConfig,
+    MedSAConfig,
+    apply_method,
+    count_parameters,
+    method_from_dict,
+    method_from_yaml,
+    method_to_dict,
+    parse_blocks,
+)
+from medsa.cli import main as medsa_main
+from medsa.errors import ConfigError
+
+
+def _meta(name: str, cfg=None):
+    from medsa.sam.build import build_sam_from_config, get_config
+
+    with torch.device("meta"):
+        model = build_sam_from_config(get_config(name), name=name)
+        if cfg is not None:
+            apply_method(model, cfg)
+    return model
+
+
+def _adapter(c: int, r: int) -> int:
+    """Parameters of one bottleneck adapter: down (c*r + r) + up (r*c + c)."""
+    return 2 * c * r + r + c
+
+
+def test_backbone_count_matches_segment_anything():
+    sam = pytest.importorskip("segment_anything")
+    with torch.device("meta"):
+        ref = sam.sam_model_registry["vit_b"]()
+    counts = count_parameters(_meta("vit_b", LoRAConfig(rank=4)))
+    assert counts.backbone == sum(p.numel() for p in ref.parameters())
+    assert counts.added == 12 * 2 * 2 * 4 * 768  # A (r x C) and B (C x r) on q and v, 12 blocks
+
+
+def test_medsa_vit_h_rank64_is_about_two_percent():
+    counts = count_parameters(_meta("vit_h", MedSAConfig(rank=64)))
+    enc = 32 * 2 * _adapter(1280, 64)  # ViT-H: 32 blocks of width 1280, two adapters each
+    assert counts.modules["image_encoder"][1] == enc
+    assert counts.adapters["adapter"][0] == enc + 2 * 2 * _adapter(256, 64)  # + decoder mlp/image
+    assert counts.tunable == counts.added  # only the method's parameters train
+    assert 0.015 < counts.tunable / counts.backbone < 0.025  # paper: 13.1M, "2%"
+    assert counts.modules["prompt_encoder"][1] == 0
+
+
+def test_rank_and_block_options_scale_counts_like_table7():
+    r32 = count_parameters(_meta("vit_b", MedSAConfig(rank=32, decoder_adapters=False)))
+    r64 = count_parameters(_meta("vit_b", MedSAConfig(rank=64, decoder_adapters=False)))
+    half = count_parameters(
+        _meta("vit_b", MedSAConfig(rank=64, blocks="7-12", decoder_adapters=False))
+    )
+    assert r64.tunable - r32.tunable == 12 * 2 * (2 * 768 * 32 + 32)
+    assert half.tunable * 2 == r64.tunable  # Table 7b: half the layers, half the parameters
+
+
+def test_masam_counts_share_fact_factors():
+    c, r = 768, 32
+    counts = count_parameters(_meta("vit_b", MASAMConfig(fact_rank=r, adapters_3d=False)))
+    assert counts.adapters["fact"][0] == 2 * c * r + 12 * 2 * r * r  # U, V once + 12 x (T_q, T_v)
+    assert counts.modules["mask_decoder"][0] == counts.modules["mask_decoder"][1]  # fully tuned
+
+
+def test_parse_blocks():
+    assert parse_blocks("17-32", 32) == list(range(16, 32))
+    assert parse_blocks("1,3,5-6", 8) == [0, 2, 4, 5]
+    assert parse_blocks([2, 1], 4) == [0, 1]
+    assert parse_blocks(None, 3) == [0, 1, 2]
+    for bad in ("0", "5-3", "a-b", "1-40"):
+        with pytest.raises(ConfigError):
+            parse_blocks(bad, 32)
+
+
+def test_method_configs_from_dict_and_yaml(tmp_path):
+    cfg = method_from_dict({"method": "medsa", "rank": 16, "blocks": "17-32", "sd_trans": True})
+    assert isinstance(cfg, MedSAConfig) and cfg.rank == 16 and cfg.sd_trans
+    assert method_from_dict(method_to_dict(cfg)) == cfg
+    assert isinstance(method_from_dict({"method": "ma-sam"}), MASAMConfig)
+    p = tmp_path / "m.yaml"
+    p.write_text("method:\n  method: lora\n  rank: 8\n")
+    assert method_from_yaml(p) == LoRAConfig(rank=8)
+    with pytest.raises(ConfigError, match="unknown option.*rnak"):
+        method_from_dict({"method": "medsa", "rnak": 3})
+    with pytest.raises(ConfigError, match="unknown method"):
+        method_from_dict({"method": "dora"})
+    with pytest.raises(ConfigError, match="positions"):
+        MedSAConfig(positions="everywhere")
+    with pytest.raises(ConfigError, match="rank"):
+        MedSAConfig(rank=0)
+    with pytest.raises(ConfigError, match="does not exist"):
+        method_from_yaml(tmp_path / "missing.yaml")
+
+
+def test_cli_params_table_and_json(capsys):
+    assert medsa_main(["params", "--backbone", "vit_h", "--method", "medsa", "--rank", "64"]) == 0
+    out = capsys.readouterr().out
+    assert "image_encoder" in out and "adapter: hyp_adapter" in out and "tunable" in out
+    counts = count_parameters(_meta("vit_h", MedSAConfig(rank=64)))
+    assert f"{counts.tunable:,}" in out
+    assert (
+        medsa_main(["params", "--backbone", "vit_b", "--method", "lora", "--rank", "4", "--json"])
+        == 0
+    )
+    data = json.loads(capsys.readouterr().out)
+    assert data["method"]["rank"] == 4 and data["adapters"]["lora"]["total"] == 12 * 4 * 4 * 768
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--backbone", "vit_x"], "unknown model"),
+        (["--method", "medsa", "--blocks", "40"], "do not exist"),
+        (["--method", "medsa", "--rank", "0"], "positive"),
+    ],
+)
+def test_cli_params_bad_input_is_a_clean_error(argv, message, capsys):
+    assert medsa_main(["params", *argv]) == 1
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err

@@ -265,3 +265,14 @@ def test_volume_channels_are_scaled_separately(tmp_path):
     # channel 1 has values ~100 higher; after per-channel percentile scaling both span [0, 255]
     assert abs(float(img[..., 0].mean()) - float(img[..., 1].mean())) < 40
     assert img.min() >= 0 and img.max() <= 255
+
+
+def test_case_missing_an_extra_class_mask_is_left_out(tmp_path):
+    root = make_folder_dataset(tmp_path / "ds", n=3)
+    (root / "masks_cup" / "c1.png").unlink()
+    info = load_dataset(root)
+    assert info.case_ids == ["c0", "c2"]
+    assert any(
+        "c1.jpg" in i.path and "masks_cup" in i.message and i.severity == "error"
+        for i in info.issues
+    )

@@ -333,11 +333,11 @@ def _load_folder(root: Path) -> DatasetInfo:
             unlabelled.append(Case(stem, (img,), None))
             issues.append(Issue(str(img), "warning", "image has no mask"))
             continue
-        for k, f in enumerate(found):
-            if f is None:
-                issues.append(
-                    Issue(str(img), "error", f"no mask in {mask_dirs[k].name}/ for this image")
-                )
+        missing = [mask_dirs[k].name for k, f in enumerate(found) if f is None]
+        if missing:  # a partly labelled case would give wrong (empty) targets: leave it out
+            for d in missing:
+                issues.append(Issue(str(img), "error", f"no mask in {d}/ for this image"))
+            continue
         cases.append(Case(stem, (img,), found[0], tuple(found[1:])))
     for k, masks in enumerate(by_dir):
         for p in masks.values():
@@ -549,7 +549,8 @@ class _Base:
         unknown = sorted(set(ids) - set(info.case_ids))
         if unknown:
             raise DataError(f"{info.root}: unknown case id(s) {unknown[:5]}")
-        self.cases = [info.get(i) for i in ids]
+        by_id = {c.id: c for c in info.cases}
+        self.cases = [by_id[i] for i in ids]
         if class_name is not None and class_name not in info.classes:
             raise ConfigError(
                 f"unknown class {class_name!r}; dataset classes: {', '.join(info.classes)}"

@@ -1,19 +1,17 @@
 """FastAPI application of ``medsa serve``: a JSON API plus the static page in ``static/``.
 
-API (all errors are JSON ``{"error": "<message>"}`` with a meaningful status code):
+API (all errors are JSON ``{"error": "<message>"}`` with a meaningful status code; docs/serve.md):
 
-=======  ================================  ===================================================
-GET      /api/info                         model name, root folders, limits
-GET      /api/files?root=I&path=REL        sub-folders and image files of a folder in a root
-POST     /api/open {root, path}            open an image -> image info (id, size, slices, window)
-POST     /api/upload?filename=NAME         raw file body -> image info (size/type/decode checked)
-GET      /api/images/{id}/slices/{z}       raw slice for the canvas (float32 gray / uint8 RGB)
-POST     /api/predict {image, slice, points: [[x, y, label]], box, multimask}
-                                           -> candidate masks (run-length encoded) and scores
-POST     /api/save {image, name, masks: {slice: rle}}   -> saved file name (in the output folder)
-GET      /api/download/{name}              a saved mask, as an attachment
-GET      /api/stats                        encoder calls and embedding-cache counters
-=======  ================================  ===================================================
+- ``GET /api/info``: model name, root folders, limits
+- ``GET /api/files?root=I&path=REL``: sub-folders and image files of a folder in a root
+- ``POST /api/open {root, path}``: open an image -> image info (id, size, slices, window)
+- ``POST /api/upload?filename=NAME`` (raw file body): size / type / decode checked -> image info
+- ``GET /api/images/{id}/slices/{z}``: raw slice for the canvas (float32 gray or uint8 RGB)
+- ``POST /api/predict {image, slice, points: [[x, y, label]], box, multimask}``: candidate masks
+  (run-length encoded) with their predicted IoU
+- ``POST /api/save {image, name, masks: {slice: rle}}``: write the mask into the output folder
+- ``GET /api/download/{name}``: a saved mask, as an attachment
+- ``GET /api/stats``: encoder calls and embedding-cache counters
 
 Security: only files under the root folders are readable (see :mod:`medsa.serve.paths`), masks are
 written only inside the output folder, the ``Host`` header must be a loopback name when the server

@@ -352,3 +352,50 @@ def test_save_symlink_in_output_is_refused(client, roots):
     )
     assert r.status_code == 403
     assert target.read_bytes() == b"keep me"
+
+
+def _write_dicom_series(folder: Path, arr: np.ndarray) -> None:
+    import SimpleITK as sitk
+
+    vol = sitk.GetImageFromArray(arr)
+    vol.SetSpacing((0.9, 0.7, 2.5))
+    vol.SetOrigin((-10.0, 20.0, 5.5))
+    folder.mkdir()
+    writer = sitk.ImageFileWriter()
+    writer.KeepOriginalImageUIDOn()
+    for z in range(arr.shape[0]):
+        sl = vol[:, :, z]
+        sl.SetMetaData("0020|000e", "1.2.826.0.1.3680043.2.1125.1.1")
+        sl.SetMetaData(
+            "0020|0032", "\\".join(map(str, vol.TransformIndexToPhysicalPoint((0, 0, z))))
+        )
+        sl.SetMetaData("0020|0013", str(z))
+        sl.SetMetaData("0020|0037", "1\\0\\0\\0\\1\\0")
+        sl.SetMetaData("0008|0060", "CT")
+        writer.SetFileName(str(folder / f"{z:03d}.dcm"))
+        writer.Execute(sl)
+
+
+def test_dicom_series_folder_opens_and_saves_as_nifti(client, roots):
+    from medsa.data.io import read_image
+
+    arr = (np.arange(3 * 12 * 14).reshape(3, 12, 14) * 3 - 200).astype(np.int16)
+    _write_dicom_series(roots["root"] / "series", arr)
+    listing = client.get("/api/files", params={"path": "series"}).json()
+    assert listing["dicom_series"] is True
+    assert client.get("/api/files").json()["dicom_series"] is False
+    info = _open(client, "series")
+    assert (info["ndim"], info["slices"], info["height"], info["width"]) == (3, 3, 12, 14)
+    assert info["format"] == "dicom" and info["save_name"] == "series_mask.nii.gz"
+    mask = np.zeros((12, 14), bool)
+    mask[2:5, 3:9] = True
+    r = client.post("/api/save", json={"image": info["id"], "masks": {"2": rle_encode(mask)}})
+    assert r.status_code == 200, r.text
+    out = read_image(roots["out"] / "series_mask.nii.gz")
+    src = read_image(roots["root"] / "series")
+    np.testing.assert_allclose(out.origin, src.origin, atol=1e-4)
+    np.testing.assert_allclose(out.spacing, src.spacing, rtol=1e-5)
+    assert out.array.shape == arr.shape and out.array[2].astype(bool).tolist() == mask.tolist()
+    assert int(out.array.sum()) == int(mask.sum())
+    # a plain folder (no DICOM) is not an image
+    assert client.post("/api/open", json={"root": 0, "path": "sub"}).status_code == 404

@@ -30,7 +30,7 @@ import numpy as np
 
 from medsa.errors import DataError, MedsaError, PromptError
 
-from .paths import AccessDenied, NotFound, RootSet, image_suffix, safe_output_name
+from .paths import IMAGE_SUFFIXES, AccessDenied, NotFound, RootSet, image_suffix, safe_output_name
 
 if TYPE_CHECKING:
     import torch
@@ -422,13 +422,22 @@ class SegmentationService:
             "path": self.roots.relative(root, folder),
             "dirs": dirs[:5000],
             "files": files[:5000],
+            # the page offers to open the folder itself as one volume
+            "dicom_series": any(f["name"].lower().endswith(".dcm") for f in files),
         }
 
     def open(self, root: int, rel: str) -> LoadedImage:
+        """Open an image file, or a folder holding one DICOM series, inside a root."""
         path = self.roots.resolve(root, rel)
-        if not path.is_file():
+        if path.is_dir():
+            if not any(p.name.lower().endswith(".dcm") for p in path.iterdir()):
+                raise NotFound(f"{rel!r} is a folder without DICOM (.dcm) files")
+            # read_image reads every file of the series: each must be inside the root as well
+            if any(p.is_symlink() and not self.roots.inside(root, p) for p in path.iterdir()):
+                raise AccessDenied(f"{rel!r} contains links that point outside the allowed folders")
+        elif not path.is_file():
             raise NotFound(f"not a file: {rel!r}")
-        if image_suffix(path.name) is None:
+        elif image_suffix(path.name) is None:
             raise AccessDenied(f"{path.name}: not an image file type this server opens")
         image_id = self.images.register(path, path.name)
         return self.images.get(image_id)
@@ -449,8 +458,7 @@ class SegmentationService:
         suf = image_suffix(filename or "")
         if suf is None:
             raise UploadError(
-                f"{filename!r}: unsupported file type; accepted: "
-                + " ".join(s for s in sorted(set(_accepted_suffixes())))
+                f"{filename!r}: unsupported file type; accepted: " + " ".join(IMAGE_SUFFIXES)
             )
         self.upload_dir.mkdir(parents=True, exist_ok=True)
         return self.upload_dir / f"{uuid.uuid4().hex}{suf}"
@@ -590,12 +598,6 @@ class SegmentationService:
             "embedding_hits": self.embeddings.hits,
             "embedding_misses": self.embeddings.misses,
         }
-
-
-def _accepted_suffixes() -> list[str]:
-    from .paths import IMAGE_SUFFIXES
-
-    return list(IMAGE_SUFFIXES)
 
 
 def _strip_path(message: str, path: Path) -> str:

@@ -115,6 +115,10 @@
     ui.fileList.innerHTML = "";
     const join = (name) => (listing.path ? `${listing.path}/${name}` : name);
     if (listing.path) addItem("..", "dir", () => browse(root, parts.slice(0, -1).join("/")));
+    if (listing.dicom_series && listing.path) {
+      const li = addItem("open this folder as a DICOM series", "series",
+        () => openImage(root, listing.path, li));
+    }
     for (const d of listing.dirs) addItem(d, "dir", () => browse(root, join(d)));
     for (const f of listing.files) {
       const li = addItem(f.name, "file", () => openImage(root, join(f.name), li));

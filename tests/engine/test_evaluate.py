@@ -324,3 +324,28 @@ def test_evaluate_cli_split_subset_and_adapter(tmp_path, capsys):
         ]
     )
     assert rc == 1 and "out of range" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_everything_protocol_scores_best_automatic_mask(tiny_model):
+    pytest.importorskip("medsa.sam.automatic")
+    from medsa.engine.inference import best_overlap_mask, segment_everything
+    from medsa.sam import SamPredictor
+
+    opts = {"points_per_side": 4, "pred_iou_thresh": 0.0, "stability_score_thresh": 0.0}
+    cfg = EvalConfig(
+        protocols=("everything",), seeds=(0, 1), noc_clicks=0, worst_k=0, everything=opts
+    )
+    ds = SyntheticDataset(2, n=1)
+    res = evaluate_model(tiny_model, ds, config=cfg)
+    assert len(res.rows) == 1 * 2 * 1 * 2
+    # deterministic: both seeds identical; and equal to the oracle choice among automatic masks
+    img, targets = ds.load_case(ds.cases[0])
+    from medsa.engine.inference import to_uint8
+    from medsa.engine.metrics import dice
+
+    auto = segment_everything(SamPredictor(tiny_model), to_uint8(img.array), **opts)
+    assert len(auto) > 0
+    for r in res.rows:
+        best = best_overlap_mask(auto, targets[r["class"]])
+        assert r["dice"] == pytest.approx(dice(best, targets[r["class"]]))

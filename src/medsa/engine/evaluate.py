@@ -56,7 +56,8 @@ class EvalConfig:
         metrics: metric settings (NSD tolerance, HD95 empty policy).
         noc_clicks: clicks of the NoC curve (iterative clicks, first seed); 0 disables it.
         worst_k: number of worst cases drawn in ``worst_cases.png`` (0 disables).
-        everything_points_per_side: point-grid density of "everything" mode.
+        everything: options of ``medsa.sam.automatic.AutomaticMaskConfig`` for the
+            "everything" protocol (default: a 16 x 16 point grid, other settings as SAM).
     """
 
     protocols: tuple[str, ...] = DEFAULT_PROTOCOLS
@@ -66,7 +67,7 @@ class EvalConfig:
     metrics: MetricConfig = field(default_factory=MetricConfig)
     noc_clicks: int = 5
     worst_k: int = 4
-    everything_points_per_side: int = 16
+    everything: dict[str, Any] = field(default_factory=lambda: {"points_per_side": 16})
 
     def __post_init__(self) -> None:
         if not self.protocols:
@@ -314,7 +315,7 @@ def _evaluate_case(
                     auto = segment_everything(
                         predictor,
                         vol8[z] if z is not None else vol8,
-                        points_per_side=cfg.everything_points_per_side,
+                        **cfg.everything,
                     )
                 _put(preds[combo], z, best_overlap_mask(auto, m))
             else:

@@ -434,6 +434,7 @@ def segment_everything(
     Uses ``medsa.sam.automatic.AutomaticMaskGenerator`` (keyword arguments are passed on).
     """
     try:
+        from medsa.sam import SamPredictor
         from medsa.sam.automatic import AutomaticMaskGenerator
     except ImportError as e:  # pragma: no cover - depends on the sam package state
         raise PromptError(
@@ -441,8 +442,11 @@ def segment_everything(
         ) from e
     image = np.asarray(image)
     h, w = _check_2d(image)
-    model = getattr(model_or_predictor, "model", model_or_predictor)
-    gen = AutomaticMaskGenerator(model, **kwargs)
+    # a SamPredictor is passed as is: its embedding cache makes the image encoder run once
+    src = model_or_predictor
+    if not isinstance(src, SamPredictor):
+        src = getattr(src, "model", src)
+    gen = AutomaticMaskGenerator(src, **kwargs)
     records = gen.generate(_rgb(to_uint8(image, window)))
     masks = [np.asarray(r["segmentation"], dtype=bool) for r in records]
     masks.sort(key=lambda m: -int(m.sum()))

@@ -318,11 +318,18 @@ def run_job(
     if args.everything:
         if is_3d:
             masks = np.stack(
-                [_label_map(segment_everything(predictor, arr[z])) for z in range(shape[0])]
+                [
+                    _label_map(
+                        segment_everything(predictor, arr[z], points_per_side=args.points_per_side)
+                    )
+                    for z in range(shape[0])
+                ]
             )
             labels = masks
         else:
-            labels = _label_map(segment_everything(predictor, arr))
+            labels = _label_map(
+                segment_everything(predictor, arr, points_per_side=args.points_per_side)
+            )
         prompts_used: Any = None
     else:
         if job.entry is not None:
@@ -456,6 +463,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--everything", action="store_true", help="SAM automatic mode: label every object"
     )
+    g.add_argument(
+        "--points-per-side",
+        type=int,
+        default=32,
+        help="--everything: point grid density (default 32, as SAM)",
+    )
     p.add_argument(
         "--backbone", help="SAM backbone (default: the adapter's backbone, else lite_medsam)"
     )
@@ -476,6 +489,8 @@ def main(args: argparse.Namespace) -> int:
         raise PromptError("no prompt: give --point/--box, --prompts FILE or --everything")
     if n_modes > 1:
         raise PromptError("use only one of --point/--box, --prompts and --everything")
+    if args.points_per_side < 1:
+        raise ConfigError(f"--points-per-side must be >= 1, got {args.points_per_side}")
     if args.slice and not (args.point or args.box):
         raise PromptError("--slice applies to --point/--box")
     if args.out.exists() and not args.out.is_dir():

@@ -282,3 +282,46 @@ def test_segment_everything_runs_on_tiny_model(tiny_model):
     assert masks.ndim == 3 and masks.shape[1:] == (40, 50) and masks.dtype == bool
     areas = masks.reshape(len(masks), -1).sum(1)
     assert (np.diff(areas) <= 0).all()  # largest first
+
+
+def test_predict_dicom_series_folder_gives_nifti_with_same_geometry(tmp_path: Path, capsys):
+    sitk = pytest.importorskip("SimpleITK")
+    arr = (np.random.default_rng(0).random((4, 24, 32)) * 1000).astype(np.int16)
+    vol = sitk.GetImageFromArray(arr)
+    vol.SetSpacing((0.9, 0.7, 2.5))
+    vol.SetOrigin((-10.0, 20.0, 5.5))
+    series = tmp_path / "in" / "series"
+    series.mkdir(parents=True)
+    writer = sitk.ImageFileWriter()
+    writer.KeepOriginalImageUIDOn()
+    for z in range(arr.shape[0]):
+        sl = vol[:, :, z]
+        sl.SetMetaData("0020|000e", "1.2.826.0.1.3680043.2.1125.1.2")
+        sl.SetMetaData(
+            "0020|0032", "\\".join(map(str, vol.TransformIndexToPhysicalPoint((0, 0, z))))
+        )
+        sl.SetMetaData("0020|0013", str(z))
+        sl.SetMetaData("0020|0037", "1\\0\\0\\0\\1\\0")
+        sl.SetMetaData("0008|0060", "CT")
+        writer.SetFileName(str(series / f"{z:03d}.dcm"))
+        writer.Execute(sl)
+    out = tmp_path / "out"
+    rc = cli_main(
+        [
+            "predict",
+            str(tmp_path / "in"),
+            "--out",
+            str(out),
+            "--box",
+            "2,2,20,15",
+            "--slice",
+            "1",
+            *TINY,
+        ]
+    )
+    assert rc == 0, capsys.readouterr().err
+    src, pred = read_image(series), read_image(out / "series_mask.nii.gz")
+    assert pred.array.shape == src.array.shape == (4, 24, 32)
+    np.testing.assert_allclose(pred.spacing, src.spacing, rtol=1e-5)
+    np.testing.assert_allclose(pred.origin, src.origin, atol=1e-4)
+    assert not pred.array[[0, 2, 3]].any()

@@ -399,3 +399,13 @@ def test_dicom_series_folder_opens_and_saves_as_nifti(client, roots):
     assert int(out.array.sum()) == int(mask.sum())
     # a plain folder (no DICOM) is not an image
     assert client.post("/api/open", json={"root": 0, "path": "sub"}).status_code == 404
+
+
+def test_embed_endpoint_warms_the_cache(client, encoder_calls):
+    vol = _open(client, "sub/vol.nii.gz")
+    r = client.post("/api/embed", json={"image": vol["id"], "slice": 4})
+    assert r.status_code == 200 and r.json()["cached"] is False and encoder_calls == [1]
+    assert client.post("/api/embed", json={"image": vol["id"], "slice": 4}).json()["cached"]
+    p = client.post("/api/predict", json={"image": vol["id"], "slice": 4, "points": [[3, 3, 1]]})
+    assert p.json()["cached"] is True and encoder_calls == [1]
+    assert client.post("/api/embed", json={"image": vol["id"], "slice": 5}).status_code == 422

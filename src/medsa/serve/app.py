@@ -9,6 +9,7 @@ API (all errors are JSON ``{"error": "<message>"}`` with a meaningful status cod
 - ``GET /api/images/{id}/slices/{z}``: raw slice for the canvas (float32 gray or uint8 RGB)
 - ``POST /api/predict {image, slice, points: [[x, y, label]], box, multimask}``: candidate masks
   (run-length encoded) with their predicted IoU
+- ``POST /api/embed {image, slice}``: compute (and cache) a slice's embedding ahead of a click
 - ``POST /api/save {image, name, masks: {slice: rle}}``: write the mask into the output folder
 - ``GET /api/download/{name}``: a saved mask, as an attachment
 - ``GET /api/stats``: encoder calls and embedding-cache counters
@@ -78,6 +79,11 @@ class PredictRequest(BaseModel):
     #: ``[x0, y0, x1, y1]`` in image pixels
     box: list[float] | None = None
     multimask: bool = False
+
+
+class EmbedRequest(BaseModel):
+    image: str = Field(max_length=64)
+    slice: int = 0
 
 
 class SaveRequest(BaseModel):
@@ -253,6 +259,14 @@ def create_app(
             "cached": p.cached,
             "ms": round(p.seconds * 1000, 1),
         }
+
+    @app.post("/api/embed")
+    def embed(req: EmbedRequest) -> dict[str, Any]:
+        # The page calls this when the user settles on a slice, so that the encoder pass runs
+        # while the user looks for the structure rather than after the first click.
+        img = service.images.get(req.image)
+        _, cached = service.embedding(img, req.slice)
+        return {"image": img.id, "slice": req.slice, "cached": cached}
 
     @app.post("/api/save")
     def save(req: SaveRequest) -> dict[str, Any]:

@@ -246,6 +246,18 @@
     drawImage();
     drawOverlay();
     updateCandidates();
+    scheduleEmbed();
+  }
+
+  // Warm the embedding of the slice the user settled on, so the first click is fast.
+  let embedTimer = null;
+  function scheduleEmbed() {
+    clearTimeout(embedTimer);
+    const info = state.info, z = state.z;
+    embedTimer = setTimeout(() => {
+      if (state.info !== info || state.z !== z) return;
+      api("/api/embed", { json: { image: info.id, slice: z } }).catch(() => { /* best effort */ });
+    }, 400);
   }
 
   function drawImage() {

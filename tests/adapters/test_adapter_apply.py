@@ -200,3 +200,31 @@ def test_lite_medsam_tinyvit_adapts(cfg, randomize):
         assert torch.equal(model.image_encoder(x, depth=2), ref)
         randomize(model, std=0.2)
         assert (model.image_encoder(x, depth=2) - ref).abs().max() > 1e-4
+
+
+def test_sdtrans_encoder_is_permutation_equivariant_over_slices(tiny, randomize):
+    model = apply_method(tiny(0), MedSAConfig(rank=4, sd_trans=True))
+    randomize(model, std=0.3)
+    x = torch.randn(2 * 3, 3, 128, 128)
+    idx = torch.tensor([2, 0, 1, 4, 5, 3])  # a different permutation inside each volume
+    with torch.no_grad():
+        y = model.image_encoder(x, depth=3)
+        torch.testing.assert_close(
+            model.image_encoder(x[idx], depth=3), y[idx], rtol=1e-4, atol=1e-5
+        )
+        # slices really interact: the same slices as 2D images give other embeddings
+        assert (model.image_encoder(x) - y).abs().max() > 1e-4
+
+
+def test_adapters_follow_the_model_dtype(tiny):
+    model = tiny(0).to(torch.bfloat16)
+    apply_method(model, MedSAConfig(rank=4, sd_trans=True))
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+
+
+def test_importing_adapters_does_not_import_torch():
+    import subprocess
+    import sys
+
+    code = "import sys, medsa.adapters, medsa.adapters.config; assert 'torch' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True)

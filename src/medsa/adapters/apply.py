@@ -136,7 +136,8 @@ def _apply_medsa(model: nn.Module, cfg: MedSAConfig) -> None:
     n_out = int(dec.num_mask_tokens) + 1  # IoU token + mask tokens precede the prompt tokens
     for blk in _decoder_blocks(model):
         c = int(blk.mlp.lin1.in_features)
-        mid = cfg.decoder_rank or min(cfg.mid_dim(c), max(1, c // 4))
+        # >= 2: HyP-Adpt's LayerNorm over a width-1 embedding would always output 0
+        mid = cfg.decoder_rank or max(2, min(cfg.mid_dim(c), c // 4))
         blk.token_adapter = HyPAdapter(
             c, mid, cfg.prompt_dim, cfg.prompt_conditioning, cfg.hyper_layers, n_out, cfg.activation
         )

@@ -147,6 +147,10 @@ class MedSAConfig:
             "prompt_conditioning", self.prompt_conditioning, ("hyper", "add", "concat", "none")
         )
         _check_int("decoder_rank", self.decoder_rank, allow_none=True)
+        if self.decoder_rank == 1 and self.prompt_conditioning == "hyper":
+            raise ConfigError(
+                "decoder_rank must be >= 2 with hyper prompting (LayerNorm over 1 value)"
+            )
         _check_int("prompt_dim", self.prompt_dim)
         _check_int("hyper_layers", self.hyper_layers)
 

@@ -149,6 +149,8 @@ class HyPAdapter(AdapterModule):
         super().__init__()
         if mode not in self.MODES:
             raise ValueError(f"mode must be one of {self.MODES}, got {mode!r}")
+        if mode == "hyper" and mid_dim < 2:
+            raise ValueError("HyP-Adpt needs mid_dim >= 2 (LayerNorm over one value is always 0)")
         self.mode = mode
         self.mid_dim = mid_dim
         self.num_output_tokens = int(num_output_tokens)

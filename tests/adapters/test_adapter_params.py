@@ -129,3 +129,12 @@ def test_cli_params_bad_input_is_a_clean_error(argv, message, capsys):
     assert medsa_main(["params", *argv]) == 1
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
+
+
+def test_cli_params_from_yaml_config(tmp_path, capsys):
+    cfg = tmp_path / "masam.yaml"
+    cfg.write_text("method: masam\nfact_rank: 8\nadapters_3d: false\n")
+    assert medsa_main(["params", "--backbone", "vit_b", "--config", str(cfg), "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["method"]["fact_rank"] == 8
+    assert data["adapters"]["fact"]["total"] == 2 * 768 * 8 + 12 * 2 * 8 * 8

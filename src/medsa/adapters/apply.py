@@ -17,7 +17,6 @@ from .config import (
     MedSAConfig,
     MethodConfig,
     ZeroShotConfig,
-    method_to_dict,
     parse_blocks,
 )
 from .masam import MASAMDecoder
@@ -201,9 +200,3 @@ def configure_trainable(model: nn.Module, cfg: MethodConfig) -> None:
         model.prompt_encoder.requires_grad_(True)
     for m in _adapter_modules(model):
         m.requires_grad_(True)
-
-
-def method_summary(model: nn.Module) -> dict:
-    """The applied method as a JSON-safe dict (empty if none)."""
-    cfg = get_method(model)
-    return {} if cfg is None else method_to_dict(cfg)

@@ -228,3 +228,24 @@ def test_importing_adapters_does_not_import_torch():
 
     code = "import sys, medsa.adapters, medsa.adapters.config; assert 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_a_few_training_steps_reduce_the_loss(tiny):
+    """Med-SA with SD-Trans + HyP-Adpt on a 3D batch: the adapters alone can fit a target."""
+    torch.manual_seed(0)
+    model = apply_method(tiny(0), MedSAConfig(rank=4, sd_trans=True)).train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.Adam(params, lr=5e-2)
+    x, points = _inputs()
+    target = torch.zeros(2 * DEPTH, 1, 32, 32)
+    target[..., 8:24, 8:24] = 1.0
+    losses = []
+    for _ in range(12):
+        emb = model.image_encoder(x, depth=DEPTH)
+        masks, _ = model.predict_masks(emb, points=points)
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(masks, target)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.95 * losses[0], losses  # frozen model: the loss could not move

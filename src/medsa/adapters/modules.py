@@ -196,9 +196,9 @@ class HyPAdapter(AdapterModule):
             return self.up(self.act(self.down(queries)))
         p = self.prompt_embedding(query_pe)
         if self.mode == "hyper":
-            # The hyper layers supply the non-linearity (ReLU(Norm(.)), eq. 2); a ReLU on e_down
-            # first could zero a token's whole reduced embedding, and LayerNorm(0) @ W stays 0,
-            # so the adapter would be dead for that token (seen with small ranks).
+            # The hyper layers supply the non-linearity (ReLU(Norm(.)), eq. 2). A ReLU on e_down
+            # first can zero a token's whole reduced embedding; then 0 @ W = 0 and LayerNorm(0)
+            # is its bias (0 at init), so the adapter is dead for that token (seen at rank 4).
             e = self.down(queries)
             b, n, r = e.shape
             for mlp, norm in zip(self.hyper, self.norms, strict=True):

@@ -34,6 +34,7 @@ _EXPORTS = {
     "save_adapter": "io",
     "load_adapter": "io",
     "adapter_state_dict": "io",
+    "read_adapter_meta": "io",
     "Adapter": "modules",
     "Adapter3D": "modules",
     "AdapterModule": "modules",

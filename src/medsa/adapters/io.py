@@ -17,7 +17,7 @@ from .apply import apply_method, get_method
 from .config import method_from_dict, method_to_dict
 from .modules import AdapterModule
 
-__all__ = ["adapter_state_dict", "load_adapter", "save_adapter"]
+__all__ = ["adapter_state_dict", "load_adapter", "read_adapter_meta", "save_adapter"]
 
 FORMAT = "medsa-adapter"
 FORMAT_VERSION = 1

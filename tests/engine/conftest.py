@@ -17,7 +17,8 @@ class BoxOraclePredictor:
         self.n_set = 0
 
     def set_image(self, image: np.ndarray) -> None:
-        assert image.dtype == np.uint8 and image.ndim == 3 and image.shape[-1] == 3
+        # what SAM sees: (H, W, 3) in [0, 255] (uint8 or float, see inference.model_input)
+        assert image.ndim == 3 and image.shape[-1] == 3 and 0 <= image.min() <= image.max() <= 255
         self.size = image.shape[:2]
         self.n_set += 1
 

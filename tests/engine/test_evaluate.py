@@ -341,10 +341,9 @@ def test_everything_protocol_scores_best_automatic_mask(tiny_model):
     assert len(res.rows) == 1 * 2 * 1 * 2
     # deterministic: both seeds identical; and equal to the oracle choice among automatic masks
     img, targets = ds.load_case(ds.cases[0])
-    from medsa.engine.inference import to_uint8
     from medsa.engine.metrics import dice
 
-    auto = segment_everything(SamPredictor(tiny_model), to_uint8(img.array), **opts)
+    auto = segment_everything(SamPredictor(tiny_model), img.array, **opts)
     assert len(auto) > 0
     for r in res.rows:
         best = best_overlap_mask(auto, targets[r["class"]])

@@ -265,7 +265,7 @@ def test_predict_everything_writes_label_map(inputs: Path, tmp_path: Path, capsy
         ]
     )
     assert rc == 0, capsys.readouterr().err
-    assert seen == {"points_per_side": 8, "shape": (40, 50)}
+    assert seen == {"points_per_side": 8, "intensity": "none", "shape": (40, 50, 3)}
     lab = read_image(out / "a_mask.png").array
     expected = np.where(small, 2, np.where(big, 1, 0))
     np.testing.assert_array_equal(lab, expected)
@@ -325,3 +325,27 @@ def test_predict_dicom_series_folder_gives_nifti_with_same_geometry(tmp_path: Pa
     np.testing.assert_allclose(pred.spacing, src.spacing, rtol=1e-5)
     np.testing.assert_allclose(pred.origin, src.origin, atol=1e-4)
     assert not pred.array[[0, 2, 3]].any()
+
+
+def test_model_input_matches_training_intensity_pipeline():
+    from medsa.data.preprocess import scale_intensity
+    from medsa.engine.inference import model_input
+    from medsa.errors import ConfigError
+
+    rng = np.random.default_rng(0)
+    gray = (rng.random((6, 7)) * 255).astype(np.uint8)
+    x = model_input(gray, False)
+    assert x.shape == (6, 7, 3) and x.dtype == np.float32
+    np.testing.assert_array_equal(x[..., 1], gray)  # uint8 kept as is
+    ct = rng.normal(0, 400, size=(3, 6, 7)).astype(np.float32)
+    v = model_input(ct, True)
+    assert v.shape == (3, 6, 7, 3)
+    np.testing.assert_allclose(v[..., 0], scale_intensity(ct, "auto"))  # one window per volume
+    w = model_input(ct, True, "ct:0,400")
+    assert w.min() == 0 and w.max() == 255
+    two = model_input(np.stack([ct, -ct]), True)  # (C, D, H, W): per-channel, (c0, c1, c1)
+    np.testing.assert_allclose(two[..., 1], two[..., 2])
+    with pytest.raises(ConfigError):
+        model_input(ct, True, "bogus")
+    with pytest.raises(DataError, match="NaN"):
+        model_input(np.full((4, 4), np.nan), False)

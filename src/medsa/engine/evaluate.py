@@ -25,14 +25,13 @@ import numpy as np
 
 from medsa.engine.inference import (
     PROTOCOLS,
-    _rgb,
     add_click,
     as_predictor,
     best_overlap_mask,
     decode_prompts,
     from_data_prompt,
+    model_input,
     segment_everything,
-    to_uint8,
 )
 from medsa.engine.metrics import MetricConfig, compute_metrics
 from medsa.errors import CheckpointError, ConfigError, DataError
@@ -56,6 +55,9 @@ class EvalConfig:
         metrics: metric settings (NSD tolerance, HD95 empty policy).
         noc_clicks: clicks of the NoC curve (iterative clicks, first seed); 0 disables it.
         worst_k: number of worst cases drawn in ``worst_cases.png`` (0 disables).
+        intensity: intensity scaling (``medsa.data.preprocess.scale_intensity``: ``auto``,
+            ``none``, ``percentile``, ``ct:<preset>``, ``ct:<level>,<width>``); must match
+            training.
         everything: options of ``medsa.sam.automatic.AutomaticMaskConfig`` for the
             "everything" protocol (default: a 16 x 16 point grid, other settings as SAM).
     """
@@ -67,6 +69,7 @@ class EvalConfig:
     metrics: MetricConfig = field(default_factory=MetricConfig)
     noc_clicks: int = 5
     worst_k: int = 4
+    intensity: str = "auto"
     everything: dict[str, Any] = field(default_factory=lambda: {"points_per_side": 16})
 
     def __post_init__(self) -> None:
@@ -123,20 +126,6 @@ def _rng(seed: int, case_id: str, class_name: str, protocol: str) -> np.random.G
         zlib.crc32(protocol.encode()),
     ]
     return np.random.default_rng(key)
-
-
-def _slices(image_array: np.ndarray, dim: int) -> tuple[np.ndarray, bool]:
-    """Return the intensity array as ``(D, H, W)`` (3D) or ``(H, W[, 3])`` (2D) and is_3d."""
-    a = np.asarray(image_array)
-    if dim == 3:
-        if a.ndim == 4:  # (C, D, H, W): SAM sees one channel; use the first (e.g. T1 / CT)
-            a = a[0]
-        if a.ndim != 3:
-            raise DataError(f"expected a volume (D, H, W), got shape {a.shape}")
-        return a, True
-    if a.ndim == 3 and a.shape[-1] not in (1, 3, 4):
-        raise DataError(f"expected a 2D image (H, W) or (H, W, 3), got shape {a.shape}")
-    return a, False
 
 
 def _spacing(img: Any, ndim: int) -> tuple[float, ...]:
@@ -273,7 +262,9 @@ def _evaluate_case(
     from medsa.data.prompts import get_protocol, next_click
 
     img, targets = ds.load_case(case)
-    arr, is_3d = _slices(img.array, 3 if getattr(ds, "dim", 2) == 3 else 2)
+    is_3d = bool(getattr(img, "is_3d", getattr(ds, "dim", 2) == 3))
+    # (H, W, 3) / (D, H, W, 3) float in [0, 255], scaled as the training datasets do
+    x = model_input(img.array, is_3d, cfg.intensity)
     gts = {}
     for c in classes:
         if c not in targets:
@@ -281,14 +272,13 @@ def _evaluate_case(
         g = np.asarray(targets[c], dtype=bool)
         gts[c] = g if is_3d else g.reshape(g.shape[-2:])
     ref = next(iter(gts.values()))
-    spatial = arr.shape if is_3d else arr.shape[:2]
+    spatial = x.shape[:-1]
     if ref.shape != tuple(spatial):
         raise DataError(
             f"case {case.id!r}: label shape {ref.shape} != image shape {tuple(spatial)}"
         )
     spacing = _spacing(img, ref.ndim)
-    vol8 = to_uint8(arr)  # one intensity window per case (shared by all slices of a volume)
-    slices = range(arr.shape[0]) if is_3d else [None]
+    slices = range(x.shape[0]) if is_3d else [None]
     combos = [(p, s, c) for p in cfg.protocols for s in cfg.seeds for c in classes]
     preds = {k: np.zeros(ref.shape, dtype=bool) for k in combos}
     rngs = {k: _rng(k[1], case.id, k[2], k[0]) for k in combos}
@@ -302,7 +292,8 @@ def _evaluate_case(
         gt2 = {c: (g[z] if z is not None else g) for c, g in gts.items()}
         if not any(m.any() for m in gt2.values()):
             continue  # no target on this slice: no prompt, prediction stays empty
-        predictor.set_image(_rgb(vol8[z] if z is not None else vol8))
+        xz = x[z] if z is not None else x
+        predictor.set_image(xz)
         auto = None
         todo, prompts = [], []
         for combo in combos:
@@ -314,7 +305,8 @@ def _evaluate_case(
                 if auto is None:  # deterministic: one run serves every seed and class
                     auto = segment_everything(
                         predictor,
-                        vol8[z] if z is not None else vol8,
+                        xz,
+                        intensity="none",
                         **cfg.everything,
                     )
                 _put(preds[combo], z, best_overlap_mask(auto, m))
@@ -350,7 +342,7 @@ def _evaluate_case(
             store.append(
                 {
                     "dice": met["dice"],
-                    "image": vol8[z] if z is not None else vol8,
+                    "image": np.clip(x[z] if z is not None else x, 0, 255).astype(np.uint8),
                     "gt": g[z] if z is not None else g,
                     "pred": preds[(prot, seed, cls)][z]
                     if z is not None
@@ -452,6 +444,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--classes", help="comma-separated class names (default: all)")
     p.add_argument("--max-cases", type=int, help="evaluate only the first N cases")
     p.add_argument(
+        "--intensity",
+        default="auto",
+        help="intensity scaling as in training: auto (uint8 kept, else 0.5-99.5 percentiles), "
+        "none, percentile, ct:<preset> (e.g. ct:abdomen), ct:<level>,<width>",
+    )
+    p.add_argument(
         "--nsd-tolerance", type=float, default=2.0, help="NSD tolerance in mm (default 2)"
     )
     p.add_argument(
@@ -545,6 +543,7 @@ def main(args: argparse.Namespace) -> int:
         metrics=MetricConfig(nsd_tolerance_mm=args.nsd_tolerance, hd_one_empty=args.hd_empty),
         noc_clicks=args.noc_clicks,
         worst_k=args.worst,
+        intensity=args.intensity,
     )
     if not args.data.exists():
         raise DataError(f"dataset folder {args.data} does not exist")

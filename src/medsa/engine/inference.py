@@ -13,9 +13,10 @@ Used by ``medsa evaluate``, ``medsa predict``, the trainer's validation and the 
   ``multimask_output=True`` and the mask with the highest predicted IoU is kept, as in SAM;
   other prompts are decoded with a single output.
 
-Images: 2D ``(H, W)`` grey or ``(H, W, 3)`` RGB, volumes ``(D, H, W)``. Anything that is not
-``uint8`` is windowed to ``[0, 255]`` by :func:`to_uint8` (0.5 / 99.5 percentiles, computed over
-the whole volume so that slices share one window).
+Images: 2D ``(H, W)`` / ``(H, W, C)``, volumes ``(D, H, W)`` / ``(C, D, H, W)``, raw intensities.
+:func:`model_input` brings them to what SAM sees with the *same* pipeline as training
+(``medsa.data.preprocess.scale_intensity`` once per case -- uint8 kept, otherwise 0.5/99.5
+percentiles or a CT window -- then ``to_three_channels``), so evaluation matches training.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ __all__ = [
     "Prompt",
     "PROTOCOLS",
     "to_uint8",
+    "model_input",
     "as_predictor",
     "segment_image",
     "segment_volume",
@@ -171,7 +173,7 @@ class Prompt:
 
 
 def to_uint8(image: np.ndarray, window: tuple[float, float] | None = None) -> np.ndarray:
-    """Map an image / volume to ``uint8`` ``[0, 255]`` (same shape).
+    """Map an image / volume to ``uint8`` ``[0, 255]`` (same shape), for display (overlays).
 
     ``uint8`` input is returned unchanged. Otherwise intensities are clipped to ``window`` (default:
     the 0.5 and 99.5 percentiles of the finite values, robust to CT air / MR outliers) and scaled.
@@ -195,6 +197,36 @@ def to_uint8(image: np.ndarray, window: tuple[float, float] | None = None) -> np
     return np.clip((a - lo) / (hi - lo) * 255.0, 0, 255).round().astype(np.uint8)
 
 
+def model_input(image: np.ndarray, is_3d: bool, intensity: str = "auto") -> np.ndarray:
+    """Raw image / volume -> SAM input: ``(H, W, 3)`` or ``(D, H, W, 3)`` float32 in ``[0, 255]``.
+
+    Same as the training datasets: ``scale_intensity(image, intensity)`` per case (one window
+    for all slices of a volume; per channel for multi-channel volumes, jointly for 2D colour),
+    then ``to_three_channels`` (grey repeated, RGBA without alpha, 2 channels -> ``(c0, c1, c1)``).
+    ``intensity``: ``auto`` | ``none`` | ``percentile`` | ``ct:<preset>`` | ``ct:<level>,<width>``.
+    """
+    from medsa.data.preprocess import scale_intensity, to_three_channels
+
+    a = np.asarray(image)
+    if a.dtype == bool:
+        a = a.astype(np.uint8) * 255
+    if not np.issubdtype(a.dtype, np.number):
+        raise DataError(f"unsupported image dtype {a.dtype}")
+    if not np.isfinite(a).all():
+        raise DataError("image contains NaN or infinite values")
+    if is_3d:
+        if a.ndim == 3:
+            x = scale_intensity(a, intensity)[..., None]
+        elif a.ndim == 4:  # (C, D, H, W): modalities with their own ranges
+            x = np.stack([scale_intensity(c, intensity) for c in a], axis=-1)
+        else:
+            raise DataError(f"expected a volume (D, H, W) or (C, D, H, W), got shape {a.shape}")
+        return np.stack([to_three_channels(sl) for sl in x]).astype(np.float32)
+    if not (a.ndim == 2 or (a.ndim == 3 and a.shape[-1] <= 16)):
+        raise DataError(f"expected a 2D image (H, W) or (H, W, C), got shape {a.shape}")
+    return np.asarray(to_three_channels(scale_intensity(a, intensity)), dtype=np.float32)
+
+
 def as_predictor(model_or_predictor: Any) -> Any:
     """Return a ``SamPredictor`` for a :class:`medsa.sam.Sam` (or pass a predictor through)."""
     if hasattr(model_or_predictor, "set_image") and hasattr(model_or_predictor, "predict"):
@@ -202,12 +234,6 @@ def as_predictor(model_or_predictor: Any) -> Any:
     from medsa.sam import SamPredictor
 
     return SamPredictor(model_or_predictor)
-
-
-def _check_2d(image: np.ndarray) -> tuple[int, int]:
-    if image.ndim == 2 or (image.ndim == 3 and image.shape[-1] in (1, 3, 4)):
-        return int(image.shape[0]), int(image.shape[1])
-    raise DataError(f"expected a 2D image (H, W) or (H, W, 3), got shape {image.shape}")
 
 
 def _rgb(image: np.ndarray) -> np.ndarray:
@@ -316,10 +342,12 @@ def segment_image(
     predictor: Any,
     image: np.ndarray,
     prompts: Sequence[Prompt | None],
-    window: tuple[float, float] | None = None,
+    intensity: str = "auto",
     return_logits: bool = False,
 ) -> tuple[np.ndarray, np.ndarray] | tuple[np.ndarray, np.ndarray, list[np.ndarray | None]]:
-    """Segment one 2D image ``(H, W)`` / ``(H, W, 3)`` with one prompt per object.
+    """Segment one 2D image ``(H, W)`` / ``(H, W, C)`` with one prompt per object.
+
+    ``intensity``: see :func:`model_input` (``"none"`` for an image already in ``[0, 255]``).
 
     Returns ``masks (K, H, W)`` bool and ``scores (K,)`` (predicted IoU; ``nan`` for a ``None``
     prompt, whose mask is empty); with ``return_logits`` also the low-resolution logits
@@ -327,7 +355,9 @@ def segment_image(
     The image encoder runs once, and not at all if every prompt is ``None``.
     """
     image = np.asarray(image)
-    h, w = _check_2d(image)
+    if image.ndim not in (2, 3):
+        raise DataError(f"expected a 2D image (H, W) or (H, W, C), got shape {image.shape}")
+    h, w = int(image.shape[0]), int(image.shape[1])
     for p in prompts:
         if p is not None:
             p.validate(h, w)
@@ -337,7 +367,7 @@ def segment_image(
     todo = [i for i, p in enumerate(prompts) if p is not None and not p.empty]
     if todo:
         predictor = as_predictor(predictor)
-        predictor.set_image(_rgb(to_uint8(image, window)))
+        predictor.set_image(model_input(image, False, intensity))
         m, s, lr = decode_prompts(predictor, [prompts[i] for i in todo])  # type: ignore[misc]
         for j, i in enumerate(todo):
             masks[i], scores[i], logits[i] = m[j], s[j], lr[j]
@@ -351,22 +381,22 @@ def segment_volume(
     volume: np.ndarray,
     slice_prompts: Mapping[int, Sequence[Prompt | None]],
     n_objects: int | None = None,
-    window: tuple[float, float] | None = None,
+    intensity: str = "auto",
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Segment a volume ``(D, H, W)`` slice by slice.
+    """Segment a volume ``(D, H, W)`` / ``(C, D, H, W)`` slice by slice.
 
     Args:
         slice_prompts: ``{z: [prompt of object 0, prompt of object 1, ...]}``; slices that are
             missing (or whose prompts are all ``None``) are not encoded and stay empty.
         n_objects: number of objects K (default: the longest prompt list).
-        window: intensity window; default: percentiles of the whole volume (shared by slices).
+        intensity: see :func:`model_input`; one window for the whole volume.
     Returns:
         ``masks (K, D, H, W)`` bool and ``scores (K, D)`` (``nan`` where not prompted).
     """
     vol = np.asarray(volume)
-    if vol.ndim != 3:
-        raise DataError(f"expected a volume (D, H, W), got shape {vol.shape}")
-    d, h, w = vol.shape
+    if vol.ndim not in (3, 4):
+        raise DataError(f"expected a volume (D, H, W) or (C, D, H, W), got shape {vol.shape}")
+    d, h, w = vol.shape[-3:]
     bad = [z for z in slice_prompts if not 0 <= int(z) < d]
     if bad:
         raise PromptError(f"slice index {bad[0]} is outside the volume's {d} slices (0..{d - 1})")
@@ -375,7 +405,7 @@ def segment_volume(
         if n_objects is not None
         else max((len(v) for v in slice_prompts.values()), default=0)
     )
-    vol8 = to_uint8(vol, window)  # one window for the whole volume
+    x = model_input(vol, True, intensity) if slice_prompts else None  # one window per volume
     masks = np.zeros((k, d, h, w), dtype=bool)
     scores = np.full((k, d), np.nan, dtype=np.float32)
     predictor = as_predictor(predictor) if slice_prompts else predictor
@@ -384,7 +414,7 @@ def segment_volume(
         if len(prompts) > k:
             raise PromptError(f"slice {z} has {len(prompts)} prompts but n_objects={k}")
         prompts += [None] * (k - len(prompts))
-        m, s = segment_image(predictor, vol8[z], prompts)  # type: ignore[misc]
+        m, s = segment_image(predictor, x[z], prompts, intensity="none")  # type: ignore[index,misc]
         masks[:, z], scores[:, z] = m, s
     return masks, scores
 
@@ -426,10 +456,12 @@ def from_data_prompt(p: Any) -> Prompt:
 def segment_everything(
     model_or_predictor: Any,
     image: np.ndarray,
-    window: tuple[float, float] | None = None,
+    intensity: str = "auto",
     **kwargs: Any,
 ) -> np.ndarray:
     """SAM's automatic mode on a 2D image: all masks ``(M, H, W)`` bool, largest first.
+
+    ``intensity``: see :func:`model_input` (``"none"`` for an image already in ``[0, 255]``).
 
     Uses ``medsa.sam.automatic.AutomaticMaskGenerator`` (keyword arguments are passed on).
     """
@@ -441,13 +473,13 @@ def segment_everything(
             "'everything' mode needs medsa.sam.automatic, which is not available"
         ) from e
     image = np.asarray(image)
-    h, w = _check_2d(image)
+    h, w = int(image.shape[0]), int(image.shape[1])
     # a SamPredictor is passed as is: its embedding cache makes the image encoder run once
     src = model_or_predictor
     if not isinstance(src, SamPredictor):
         src = getattr(src, "model", src)
     gen = AutomaticMaskGenerator(src, **kwargs)
-    records = gen.generate(_rgb(to_uint8(image, window)))
+    records = gen.generate(model_input(image, False, intensity))
     masks = [np.asarray(r["segmentation"], dtype=bool) for r in records]
     masks.sort(key=lambda m: -int(m.sum()))
     return np.stack(masks) if masks else np.zeros((0, h, w), dtype=bool)
@@ -476,6 +508,7 @@ def iterate_clicks(
     rng: np.random.Generator,
     first: Prompt | None = None,
     next_click: Callable[..., Any] | None = None,
+    intensity: str = "auto",
 ) -> list[np.ndarray]:
     """Interactive simulation on a 2D image: the mask after 1..``n_clicks`` clicks.
 
@@ -495,9 +528,7 @@ def iterate_clicks(
     prompt = first if first is not None else simulate_prompt("1pt", t, rng)
     assert prompt is not None
     predictor = as_predictor(predictor)
-    image = np.asarray(image)
-    _check_2d(image)
-    predictor.set_image(_rgb(to_uint8(image)))
+    predictor.set_image(model_input(np.asarray(image), False, intensity))
     out: list[np.ndarray] = []
     for i in range(n_clicks):
         mask, _, logits = _decode_one(predictor, prompt)

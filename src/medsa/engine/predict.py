@@ -27,7 +27,13 @@ from typing import Any
 
 import numpy as np
 
-from medsa.engine.inference import Prompt, segment_everything, segment_image, segment_volume
+from medsa.engine.inference import (
+    Prompt,
+    model_input,
+    segment_everything,
+    segment_image,
+    segment_volume,
+)
 from medsa.errors import ConfigError, MedsaError, PromptError
 
 HELP = "segment images, volumes and folders with point / box prompts, keeping their geometry"
@@ -286,17 +292,6 @@ def _lookup(table: Mapping[str, Any], job: PredictJob, base: Path) -> Any:
 # --------------------------------------------------------------------------- running
 
 
-def _intensity(img: Any) -> tuple[np.ndarray, bool]:
-    a = np.asarray(img.array)
-    if img.is_3d:
-        if a.ndim == 4:  # (C, D, H, W): SAM sees one channel; use the first
-            a = a[0]
-        return a, True
-    if a.ndim == 3 and a.shape[-1] not in (1, 3, 4):
-        a = a[..., 0]
-    return a, False
-
-
 def _label_map(masks: np.ndarray) -> np.ndarray:
     """``(K, ...)`` bool -> label map (later objects win where they overlap)."""
     dtype = np.uint8 if len(masks) < 256 else np.uint16
@@ -313,22 +308,24 @@ def run_job(
     from medsa.data.io import read_image, write_image
 
     img = read_image(job.path)
-    arr, is_3d = _intensity(img)
-    shape = arr.shape if is_3d else arr.shape[:2]
+    is_3d = bool(img.is_3d)
+    # (H, W, 3) / (D, H, W, 3) float in [0, 255], scaled as the training datasets do
+    x = model_input(img.array, is_3d, args.intensity)
+    shape = x.shape[:-1]
     if args.everything:
+        pps = args.points_per_side
         if is_3d:
-            masks = np.stack(
+            labels = np.stack(
                 [
                     _label_map(
-                        segment_everything(predictor, arr[z], points_per_side=args.points_per_side)
+                        segment_everything(predictor, xz, intensity="none", points_per_side=pps)
                     )
-                    for z in range(shape[0])
+                    for xz in x
                 ]
             )
-            labels = masks
         else:
             labels = _label_map(
-                segment_everything(predictor, arr, points_per_side=args.points_per_side)
+                segment_everything(predictor, x, intensity="none", points_per_side=pps)
             )
         prompts_used: Any = None
     else:
@@ -349,11 +346,11 @@ def run_job(
         if is_3d:
             if not isinstance(prompts, Mapping):
                 raise PromptError(f"{job.path} is a volume: prompts must be given per slice")
-            masks, _ = segment_volume(predictor, arr, prompts)
+            masks, _ = segment_volume(predictor, img.array, prompts, intensity=args.intensity)
         else:
             if isinstance(prompts, Mapping):
                 raise PromptError(f"{job.path} is a 2D image: per-slice prompts do not apply")
-            masks, _ = segment_image(predictor, arr, prompts)  # type: ignore[misc]
+            masks, _ = segment_image(predictor, x, prompts, intensity="none")  # type: ignore[misc]
         labels = masks[0] if len(masks) == 1 else _label_map(masks)
         prompts_used = prompts
     fmt = img.format
@@ -369,7 +366,8 @@ def run_job(
     written = [write_image(labels, out_path, like=img)]
     if args.overlay:
         ov = args.out / job.rel.parent / f"{job.rel.name}_overlay.png"
-        written.append(write_overlay(arr, labels, ov, prompts_used, is_3d))
+        display = np.clip(x, 0, 255).astype(np.uint8)
+        written.append(write_overlay(display, labels, ov, prompts_used, is_3d))
     return written
 
 
@@ -474,6 +472,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--checkpoint", type=Path, help="backbone weights (default: the backbone's own)")
     p.add_argument("--adapter", type=Path, help="adapter saved by 'medsa train'")
+    p.add_argument(
+        "--intensity",
+        default="auto",
+        help="intensity scaling as in training: auto, none, percentile, ct:<preset>, ct:<L>,<W>",
+    )
     p.add_argument("--suffix", default="_mask", help="added to output names (default: _mask)")
     p.add_argument("--overlay", action="store_true", help="also write <name>_overlay.png")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")

@@ -1,0 +1,84 @@
+"""Smoke runs of the benchmark scripts (tiny model, one round) so that they do not rot.
+
+No timing assertions: only that every script runs end to end, compares medsa with
+segment-anything on the same weights, and writes its table / JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+BENCH = Path(__file__).resolve().parents[2] / "benchmarks"
+pytest.importorskip("segment_anything")
+
+# Tiny everywhere: vit_tiny at 64 px (4x4 tokens), one timed round, one thread.
+TINY = ["--device", "cpu", "--backbone", "vit_tiny", "--img-size", "64", "--iters", "1"]
+TINY += ["--warmup", "0", "--threads", "1"]
+
+
+@pytest.fixture(autouse=True)
+def _bench_path(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCH))
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_bench_encoder(tmp_path: Path) -> None:
+    import bench_encoder
+
+    out = bench_encoder.main(
+        [*TINY, "--medsa", "sdpa_folded:fp32", "sdpa_bias:bf16", "--json", str(tmp_path / "e.json")]
+    )
+    names = [r["name"] for r in out["rows"]]
+    assert names[0] == "segment-anything | explicit | fp32"
+    assert "medsa | sdpa_folded | fp32" in names and "medsa | sdpa_bias | bf16" in names
+    rows = {r["name"]: r for r in out["rows"]}
+    # Same weights, same input: fp32 medsa reproduces segment-anything, bf16 within bf16 error.
+    assert rows["medsa | sdpa_folded | fp32"]["rel_err_vs_sa_fp32"] < 1e-5
+    assert rows["medsa | sdpa_bias | bf16"]["rel_err_vs_sa_fp32"] < 3e-2
+    assert json.loads((tmp_path / "e.json").read_text())["env"]["threads"] == 1
+
+
+def test_bench_train_step(tmp_path: Path, capsys) -> None:
+    import bench_train_step
+
+    out = bench_train_step.main([*TINY, "--batch", "2", "--medsa", "sdpa_folded:bf16:ckpt"])
+    assert [r["name"].split(" | ")[0] for r in out["rows"]] == [
+        "reference-style (segment-anything)",
+        "medsa",
+    ]
+    assert all(len(r["seconds"]) == 1 and r["seconds"][0] > 0 for r in out["rows"])
+    assert out["trainable_params"]["medsa"] > 0 and out["trainable_params"]["reference"] > 0
+    assert "| medsa " in capsys.readouterr().out
+
+
+def test_bench_prompt_and_run_all_report(tmp_path: Path) -> None:
+    import run_all
+
+    report = run_all.main(
+        ["--quick", "--threads", "1", "--only", "prompt", "--out", str(tmp_path / "r.md")]
+    )
+    text = report.read_text()
+    assert "Prompt-to-mask latency" in text
+    for case in ("1 box, 1 mask", "1 point, 3 masks", "2 boxes batched", "set_image, seen image"):
+        assert case in text
+
+
+def test_run_all_help_imports_every_script() -> None:
+    import subprocess
+
+    # run_all imports the three benchmark modules; argparse exits before any model is built.
+    res = subprocess.run(
+        [sys.executable, str(BENCH / "run_all.py"), "--help"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert res.returncode == 0, res.stderr
+    assert "--quick" in res.stdout

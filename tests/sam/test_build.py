@@ -144,3 +144,23 @@ def test_full_sam_key_layout_matches_official(name: str) -> None:
     assert {k: v.shape for k, v in ours.state_dict().items()} == {
         k: v.shape for k, v in ref.state_dict().items()
     }
+
+
+def test_preprocessing_overrides_reach_predictor() -> None:
+    """MedSAM-style overrides: stretch resize and /255 scaling without mean/std."""
+    import numpy as np
+
+    from medsa.sam import SamPredictor
+    from medsa.sam.transforms import ResizeStretch
+
+    m = build_sam(
+        "vit_tiny", resize_mode="stretch", pixel_mean=(0.0, 0.0, 0.0), pixel_std=(255.0,) * 3
+    )
+    pred = SamPredictor(m)
+    assert isinstance(pred.transform, ResizeStretch)
+    x = torch.full((1, 3, 128, 128), 255.0)
+    assert torch.equal(m.preprocess(x), torch.ones(1, 3, 128, 128))
+    pred.set_image(np.zeros((30, 50, 3), np.uint8))
+    assert pred.input_size == (128, 128) and pred.original_size == (30, 50)
+    masks, _, _ = pred.predict(box=[0, 0, 50, 30], multimask_output=False)
+    assert masks.shape == (1, 30, 50)

@@ -120,7 +120,8 @@ def test_summary_aggregation_and_table():
 
 @pytest.mark.slow
 def test_evaluate_tiny_model_3d_writes_all_outputs(tiny_model, tmp_path):
-    cfg = EvalConfig(protocols=("1pt", "bbox0.75"), seeds=(0, 1), noc_clicks=2, worst_k=2)
+    # depth=2: chunks of 2 slices through the encoder (3D-adapter path)
+    cfg = EvalConfig(protocols=("1pt", "bbox0.75"), seeds=(0, 1), noc_clicks=2, worst_k=2, depth=2)
     res = evaluate_model(tiny_model, SyntheticDataset(3), config=cfg, keep_worst=True)
     assert len(res.rows) == 2 * 2 * 2 * 2
     assert set(res.noc) == {"disc", "cup"} and all(len(v) == 2 for v in res.noc.values())

@@ -349,3 +349,41 @@ def test_model_input_matches_training_intensity_pipeline():
         model_input(ct, True, "bogus")
     with pytest.raises(DataError, match="NaN"):
         model_input(np.full((4, 4), np.nan), False)
+
+
+def test_chunk_encoder_matches_2d_embeddings_and_passes_depth(tiny_model):
+    """Without 3D adapters a chunk embedding equals the per-slice one; with SD-Trans it differs
+    (the depth reaches the encoder) and segment_volume(depth=...) uses it."""
+    import torch
+
+    from medsa.adapters import MedSAConfig, apply_method
+    from medsa.engine.inference import ChunkEncoder, model_input
+    from medsa.sam import SamPredictor, build_sam
+
+    vol = np.random.default_rng(0).normal(size=(5, 30, 40)).astype(np.float32)
+    x = model_input(vol, True)
+    pred = SamPredictor(tiny_model)
+    enc = ChunkEncoder(pred, x, depth=2)
+    with torch.inference_mode():
+        enc.set_slice(4)  # last chunk is (4, 4): padded by repetition
+        chunk_feat = pred.features.clone()
+        pred.set_image(x[4])
+        torch.testing.assert_close(chunk_feat, pred.features, atol=1e-4, rtol=1e-4)
+
+    torch.manual_seed(0)
+    model3d = apply_method(build_sam("vit_tiny"), MedSAConfig(sd_trans=True)).eval()
+    for m in model3d.modules():  # make the (zero-initialised) adapters matter
+        if m.__class__.__name__ in ("SDTrans", "Adapter"):
+            for prm in m.parameters():
+                torch.nn.init.normal_(prm, std=0.1)
+    p3 = SamPredictor(model3d)
+    with torch.inference_mode():
+        ChunkEncoder(p3, x, depth=5).set_slice(2)
+        f3 = p3.features.clone()
+        p3.set_image(x[2])
+        assert (f3 - p3.features).abs().max() > 1e-3
+        prompts = {2: [Prompt(box=[5, 5, 25, 20])]}
+        m_depth, _ = segment_volume(p3, vol, prompts, depth=5)
+        m_flat, _ = segment_volume(p3, vol, prompts)
+    assert m_depth.shape == m_flat.shape == (1, 5, 30, 40)
+    assert not m_depth[0, [0, 1, 3, 4]].any()

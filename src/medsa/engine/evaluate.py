@@ -25,6 +25,7 @@ import numpy as np
 
 from medsa.engine.inference import (
     PROTOCOLS,
+    ChunkEncoder,
     add_click,
     as_predictor,
     best_overlap_mask,
@@ -58,6 +59,9 @@ class EvalConfig:
         intensity: intensity scaling (``medsa.data.preprocess.scale_intensity``: ``auto``,
             ``none``, ``percentile``, ``ct:<preset>``, ``ct:<level>,<width>``); must match
             training.
+        depth: 3D only: encode chunks of ``depth`` consecutive slices together
+            (``image_encoder(chunk, depth=depth)``), needed for models with SD-Trans or MA-SAM
+            3D adapters (use the training chunk depth); None encodes every slice alone (2D).
         everything: options of ``medsa.sam.automatic.AutomaticMaskConfig`` for the
             "everything" protocol (default: a 16 x 16 point grid, other settings as SAM).
     """
@@ -70,6 +74,7 @@ class EvalConfig:
     noc_clicks: int = 5
     worst_k: int = 4
     intensity: str = "auto"
+    depth: int | None = None
     everything: dict[str, Any] = field(default_factory=lambda: {"points_per_side": 16})
 
     def __post_init__(self) -> None:
@@ -84,6 +89,8 @@ class EvalConfig:
             raise ConfigError("at least one seed is needed")
         if self.max_cases is not None and self.max_cases < 1:
             raise ConfigError(f"max_cases must be >= 1, got {self.max_cases}")
+        if self.depth is not None and self.depth < 1:
+            raise ConfigError(f"depth must be >= 1, got {self.depth}")
         if self.noc_clicks < 0 or self.worst_k < 0:
             raise ConfigError("noc_clicks and worst_k must be >= 0")
 
@@ -279,6 +286,7 @@ def _evaluate_case(
         )
     spacing = _spacing(img, ref.ndim)
     slices = range(x.shape[0]) if is_3d else [None]
+    encoder = ChunkEncoder(predictor, x, cfg.depth) if (is_3d and cfg.depth) else None
     combos = [(p, s, c) for p in cfg.protocols for s in cfg.seeds for c in classes]
     preds = {k: np.zeros(ref.shape, dtype=bool) for k in combos}
     rngs = {k: _rng(k[1], case.id, k[2], k[0]) for k in combos}
@@ -293,7 +301,10 @@ def _evaluate_case(
         if not any(m.any() for m in gt2.values()):
             continue  # no target on this slice: no prompt, prediction stays empty
         xz = x[z] if z is not None else x
-        predictor.set_image(xz)
+        if encoder is not None:
+            encoder.set_slice(z)  # depth-aware embedding of the chunk around z
+        else:
+            predictor.set_image(xz)
         auto = None
         todo, prompts = [], []
         for combo in combos:
@@ -450,6 +461,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "none, percentile, ct:<preset> (e.g. ct:abdomen), ct:<level>,<width>",
     )
     p.add_argument(
+        "--depth",
+        type=int,
+        help="3D: encode chunks of N slices together (SD-Trans / MA-SAM 3D adapters; use the "
+        "training data.depth); default: every slice alone",
+    )
+    p.add_argument(
         "--nsd-tolerance", type=float, default=2.0, help="NSD tolerance in mm (default 2)"
     )
     p.add_argument(
@@ -544,6 +561,7 @@ def main(args: argparse.Namespace) -> int:
         noc_clicks=args.noc_clicks,
         worst_k=args.worst,
         intensity=args.intensity,
+        depth=args.depth,
     )
     if not args.data.exists():
         raise DataError(f"dataset folder {args.data} does not exist")

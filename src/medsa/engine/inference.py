@@ -34,6 +34,7 @@ __all__ = [
     "PROTOCOLS",
     "to_uint8",
     "model_input",
+    "ChunkEncoder",
     "as_predictor",
     "segment_image",
     "segment_volume",
@@ -236,6 +237,52 @@ def as_predictor(model_or_predictor: Any) -> Any:
     return SamPredictor(model_or_predictor)
 
 
+class ChunkEncoder:
+    """Depth-aware image embeddings of a volume for 3D-adapted encoders (SD-Trans, MA-SAM).
+
+    The slices of ``x`` ``(D, H, W, 3)`` (``[0, 255]``, see :func:`model_input`) are encoded in
+    consecutive chunks of ``depth`` slices, ``image_encoder(chunk, depth=len(chunk))``, as the
+    trainer does (``medsa.data.preprocess.chunk_indices``, last chunk padded by repeating the last
+    slice). :meth:`set_slice` puts the embedding of slice ``z`` into the predictor, which then
+    decodes prompts as after ``set_image``; only the current chunk is kept in memory.
+    """
+
+    def __init__(self, predictor: Any, x: np.ndarray, depth: int) -> None:
+        from medsa.data.preprocess import chunk_indices
+
+        if depth < 1:
+            raise PromptError(f"depth must be >= 1, got {depth}")
+        self.predictor, self.x, self.depth = predictor, x, int(depth)
+        self.chunks = chunk_indices(int(x.shape[0]), self.depth, pad="replicate")
+        self._chunk: int | None = None
+        self._features: Any = None
+        self._input_size: tuple[int, int] = (0, 0)
+
+    def _encode(self, k: int) -> None:
+        import torch
+
+        pred, model = self.predictor, self.predictor.model
+        idx = self.chunks[k]
+        imgs = [pred.transform.apply_image(np.ascontiguousarray(self.x[i])) for i in idx]
+        t = torch.as_tensor(np.stack(imgs), device=pred.device).permute(0, 3, 1, 2).float()
+        self._input_size = (int(t.shape[-2]), int(t.shape[-1]))
+        self._features = model.image_encoder(model.preprocess(t), depth=len(idx))
+        self._chunk = k
+
+    def set_slice(self, z: int) -> None:
+        """Make slice ``z``'s depth-aware embedding the predictor's current image."""
+        k = int(z) // self.depth  # chunks are non-overlapping: chunk k holds k*depth ...
+        if self._chunk != k:
+            self._encode(k)
+        j = int(np.flatnonzero(self.chunks[k] == z)[0])
+        p = self.predictor
+        p.reset_image()
+        p.features = self._features[j : j + 1]
+        p.original_size = (int(self.x.shape[1]), int(self.x.shape[2]))
+        p.input_size = self._input_size
+        p.is_image_set = True
+
+
 def _rgb(image: np.ndarray) -> np.ndarray:
     """``(H, W)`` / ``(H, W, 1|3|4)`` uint8 -> ``(H, W, 3)`` uint8."""
     if image.ndim == 2:
@@ -382,6 +429,7 @@ def segment_volume(
     slice_prompts: Mapping[int, Sequence[Prompt | None]],
     n_objects: int | None = None,
     intensity: str = "auto",
+    depth: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Segment a volume ``(D, H, W)`` / ``(C, D, H, W)`` slice by slice.
 
@@ -390,6 +438,8 @@ def segment_volume(
             missing (or whose prompts are all ``None``) are not encoded and stay empty.
         n_objects: number of objects K (default: the longest prompt list).
         intensity: see :func:`model_input`; one window for the whole volume.
+        depth: encode chunks of ``depth`` slices together (:class:`ChunkEncoder`; for models
+            with SD-Trans / MA-SAM 3D adapters, use the training chunk depth); None: 2D slices.
     Returns:
         ``masks (K, D, H, W)`` bool and ``scores (K, D)`` (``nan`` where not prompted).
     """
@@ -409,12 +459,27 @@ def segment_volume(
     masks = np.zeros((k, d, h, w), dtype=bool)
     scores = np.full((k, d), np.nan, dtype=np.float32)
     predictor = as_predictor(predictor) if slice_prompts else predictor
+    encoder: ChunkEncoder | None = None
     for z in sorted(int(z) for z in slice_prompts):
         prompts = list(slice_prompts[z])
         if len(prompts) > k:
             raise PromptError(f"slice {z} has {len(prompts)} prompts but n_objects={k}")
         prompts += [None] * (k - len(prompts))
-        m, s = segment_image(predictor, x[z], prompts, intensity="none")  # type: ignore[index,misc]
+        if depth is None:
+            m, s = segment_image(predictor, x[z], prompts, intensity="none")  # type: ignore[index,misc]
+        else:
+            for p in prompts:
+                if p is not None:
+                    p.validate(h, w)
+            todo = [i for i, p in enumerate(prompts) if p is not None and not p.empty]
+            m = np.zeros((k, h, w), dtype=bool)
+            s = np.full(k, np.nan, dtype=np.float32)
+            if todo:
+                if encoder is None:
+                    encoder = ChunkEncoder(predictor, x, depth)
+                encoder.set_slice(z)
+                mm, ss, _ = decode_prompts(predictor, [prompts[i] for i in todo])  # type: ignore[misc]
+                m[todo], s[todo] = mm, ss
         masks[:, z], scores[:, z] = m, s
     return masks, scores
 

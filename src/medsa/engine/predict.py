@@ -346,7 +346,9 @@ def run_job(
         if is_3d:
             if not isinstance(prompts, Mapping):
                 raise PromptError(f"{job.path} is a volume: prompts must be given per slice")
-            masks, _ = segment_volume(predictor, img.array, prompts, intensity=args.intensity)
+            masks, _ = segment_volume(
+                predictor, img.array, prompts, intensity=args.intensity, depth=args.depth
+            )
         else:
             if isinstance(prompts, Mapping):
                 raise PromptError(f"{job.path} is a 2D image: per-slice prompts do not apply")
@@ -477,6 +479,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default="auto",
         help="intensity scaling as in training: auto, none, percentile, ct:<preset>, ct:<L>,<W>",
     )
+    p.add_argument(
+        "--depth",
+        type=int,
+        help="volumes: encode chunks of N slices together (models with SD-Trans / MA-SAM 3D "
+        "adapters; use the training data.depth); default: every slice alone",
+    )
     p.add_argument("--suffix", default="_mask", help="added to output names (default: _mask)")
     p.add_argument("--overlay", action="store_true", help="also write <name>_overlay.png")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
@@ -492,6 +500,8 @@ def main(args: argparse.Namespace) -> int:
         raise PromptError("no prompt: give --point/--box, --prompts FILE or --everything")
     if n_modes > 1:
         raise PromptError("use only one of --point/--box, --prompts and --everything")
+    if args.depth is not None and args.depth < 1:
+        raise ConfigError(f"--depth must be >= 1, got {args.depth}")
     if args.points_per_side < 1:
         raise ConfigError(f"--points-per-side must be >= 1, got {args.points_per_side}")
     if args.slice and not (args.point or args.box):

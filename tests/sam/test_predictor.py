@@ -160,3 +160,19 @@ def test_predict_torch_batch_equals_single_predictions(model) -> None:
         assert np.allclose(s, iou[i].numpy(), atol=1e-5)
     with pytest.raises(PromptError, match="batch sizes differ"):
         pred.predict_torch(torch.zeros(2, 1, 2), torch.ones(2, 1), boxes=t, multimask_output=False)
+
+
+def test_half_precision_model(tiny_oracle) -> None:
+    """A model cast to bfloat16 works through the predictor and stays close to fp32."""
+    img = np.random.default_rng(4).integers(0, 255, (50, 60, 3), dtype=np.uint8)
+    prompt = {"point_coords": [[10, 12]], "point_labels": [1], "box": [2, 3, 40, 45]}
+    outs = []
+    for dtype in (torch.float32, torch.bfloat16):
+        model = build_sam("vit_tiny", checkpoint=tiny_oracle[1]).to(dtype)
+        pred = SamPredictor(model)
+        pred.set_image(img)
+        assert pred.get_image_embedding().dtype == dtype
+        logits, scores, low = pred.predict(**prompt, return_logits=True, mask_input=None)
+        assert logits.dtype == np.float32 and scores.dtype == np.float32
+        outs.append(low)
+    assert np.abs(outs[0] - outs[1]).max() < 0.1 * np.abs(outs[0]).max()

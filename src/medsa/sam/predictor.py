@@ -93,6 +93,11 @@ class SamPredictor:
     def device(self) -> torch.device:
         return self.model.device
 
+    @property
+    def _dtype(self) -> torch.dtype:
+        """Floating dtype of the model weights (images and mask inputs are cast to it)."""
+        return next(self.model.image_encoder.parameters()).dtype
+
     def reset_image(self) -> None:
         """Forget the current image (the cache is kept)."""
         self.is_image_set = False
@@ -162,8 +167,8 @@ class SamPredictor:
                 f"got {tuple(transformed_image.shape)}"
             )
         self.reset_image()
-        x = self.model.preprocess(transformed_image.to(self.device))
-        features = self.model.image_encoder(x)
+        x = self.model.preprocess(transformed_image.to(self.device, torch.float32))
+        features = self.model.image_encoder(x.to(self._dtype))
         self._use(
             _Entry(
                 features,
@@ -286,10 +291,12 @@ class SamPredictor:
             b = self.transform.apply_boxes(b, self.original_size)  # type: ignore[arg-type]
             box_t = torch.as_tensor(b, dtype=torch.float, device=dev)
         if m is not None:
-            mask_t = torch.as_tensor(m, dtype=torch.float, device=dev)[None]
+            mask_t = torch.as_tensor(m, dtype=self._dtype, device=dev)[None]
         masks, scores, low_res = self.predict_torch(
             coords_t, labels_t, box_t, mask_t, multimask_output, return_logits=return_logits
         )
+        if return_logits:
+            masks = masks.float()
         return (
             masks[0].detach().cpu().numpy(),
             scores[0].detach().float().cpu().numpy(),

@@ -28,8 +28,9 @@ class PositionEmbeddingRandom(nn.Module):
 
     def _pe_encoding(self, coords: torch.Tensor) -> torch.Tensor:
         """Encode ``(..., 2)`` coordinates in ``[0, 1]`` as ``(..., 2 * num_pos_feats)``."""
-        coords = 2 * coords - 1
-        coords = coords @ self.positional_encoding_gaussian_matrix
+        gaussian = self.positional_encoding_gaussian_matrix
+        coords = 2 * coords.to(gaussian.dtype) - 1
+        coords = coords @ gaussian
         coords = 2 * math.pi * coords
         return torch.cat([torch.sin(coords), torch.cos(coords)], dim=-1)
 
@@ -152,7 +153,8 @@ class PromptEncoder(nn.Module):
             sparse ``(B, N', C)`` and dense ``(B, C, h, w)`` embeddings.
         """
         bs = self._get_batch_size(points, boxes, masks)
-        sparse = torch.empty((bs, 0, self.embed_dim), device=self._get_device())
+        weight = self.point_embeddings[0].weight
+        sparse = torch.empty((bs, 0, self.embed_dim), device=weight.device, dtype=weight.dtype)
         if points is not None:
             coords, labels = points
             sparse = torch.cat([sparse, self._embed_points(coords, labels, pad=boxes is None)], 1)

@@ -96,8 +96,9 @@ def test_click_mask_save_2d_and_3d(browser_page, make_app, roots):
         _drag(page, box, (0.25, 0.25), (0.75, 0.8))
         expect(page.locator("#candidates button")).to_have_count(0)  # several prompts: one mask
         page.keyboard.press("Control+z")
+        expect(page.locator("body")).to_have_attribute("data-pending", "0", timeout=20000)
         expect(page.locator("#candidates button")).to_have_count(0)
-        expect(overlay).not_to_have_attribute("data-mask-pixels", "0", timeout=20000)
+        expect(overlay).not_to_have_attribute("data-mask-pixels", "0")
         area = int(overlay.get_attribute("data-mask-pixels"))
 
         page.locator("#save").click()
@@ -121,6 +122,7 @@ def test_click_mask_save_2d_and_3d(browser_page, make_app, roots):
         expect(page.locator("#slice-label")).to_have_text("slice 4 / 5")
         box = overlay.bounding_box()
         _drag(page, box, (0.2, 0.2), (0.8, 0.8))
+        expect(page.locator("body")).to_have_attribute("data-pending", "0", timeout=20000)
         expect(overlay).not_to_have_attribute("data-mask-pixels", "0", timeout=20000)
         area3d = int(overlay.get_attribute("data-mask-pixels"))
         page.keyboard.press("s")

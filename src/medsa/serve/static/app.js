@@ -29,6 +29,7 @@
     seq: 0,              // request counter: stale prediction responses are dropped
     drag: null,          // mouse drag in progress
     dirty: false,        // masks changed since the last save
+    inflight: Promise.resolve(),  // latest prediction request (settled, errors swallowed)
   };
 
   // ------------------------------------------------------------------ helpers
@@ -351,7 +352,19 @@
   }
 
   // ------------------------------------------------------------------ prompts -> prediction
-  async function predict() {
+  // Every prompt change goes through predict(); body[data-pending] counts requests in flight and
+  // save() waits for the latest one, so a save right after a click stores the updated mask.
+  let pending = 0;
+  function predict() {
+    document.body.dataset.pending = String(++pending);
+    const p = predictNow();
+    state.inflight = p.catch(() => {}).finally(() => {
+      document.body.dataset.pending = String(--pending);
+    });
+    return p;
+  }
+
+  async function predictNow() {
     const info = state.info, z = state.z;
     const prompts = state.prompts.get(z) || [];
     const seq = ++state.seq;
@@ -448,6 +461,7 @@
   async function save() {
     const info = state.info;
     if (!info) return;
+    await state.inflight;
     const masks = {};
     for (const [z, r] of state.results) masks[z] = rleEncode(r.masks[r.chosen].bits);
     if (!Object.keys(masks).length) { setStatus("nothing to save yet: add a prompt first", "error"); return; }

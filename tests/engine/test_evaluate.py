@@ -349,3 +349,86 @@ def test_everything_protocol_scores_best_automatic_mask(tiny_model):
     for r in res.rows:
         best = best_overlap_mask(auto, targets[r["class"]])
         assert r["dice"] == pytest.approx(dice(best, targets[r["class"]]))
+
+
+@pytest.fixture(scope="module")
+def masam_model():
+    torch = pytest.importorskip("torch")
+    from medsa.adapters import MASAMConfig, apply_method
+    from medsa.sam import build_sam
+
+    torch.manual_seed(0)
+    return apply_method(build_sam("vit_tiny"), MASAMConfig(num_classes=3)).eval()
+
+
+@pytest.mark.slow
+def test_auto_protocol_uses_masam_head_on_every_slice(masam_model, oracle):
+    import torch
+
+    from medsa.engine.inference import model_input, segment_auto
+    from medsa.engine.metrics import compute_metrics
+    from medsa.sam import SamPredictor
+
+    ds = SyntheticDataset(3, n=1)
+    cfg = EvalConfig(protocols=("auto",), seeds=(0, 1), noc_clicks=3, worst_k=0)
+    res = evaluate_model(masam_model, ds, config=cfg)
+    assert len(res.rows) == 1 * 2 * 1 * 2 and res.noc == {}  # no prompts -> no NoC curve
+    img, targets = ds.load_case(ds.cases[0])
+    x = model_input(img.array, True)
+    pred = SamPredictor(masam_model)
+    labels = []
+    with torch.inference_mode():
+        for xz in x:  # every slice, also those without any target
+            pred.set_image(xz)
+            labels.append(segment_auto(pred))
+    labels = np.stack(labels)
+    assert labels.shape == (5, 40, 48) and labels.max() < 3
+    for r in res.rows:
+        ref = compute_metrics(labels == ds.classes[r["class"]], targets[r["class"]], img.spacing)
+        assert r["dice"] == pytest.approx(ref["dice"]) and r["nsd"] == pytest.approx(ref["nsd"])
+    with pytest.raises(ConfigError, match="multi-class head"):
+        evaluate_model(oracle, ds, config=cfg)
+
+
+def test_predict_auto_with_masam_adapter(masam_model, tmp_path, capsys):
+    from medsa.adapters import save_adapter
+
+    save_adapter(masam_model, tmp_path / "masam")
+    vol = Image(
+        np.random.default_rng(0).normal(size=(3, 24, 28)).astype(np.float32),
+        spacing=(2.0, 1.0, 1.0),
+    )
+    write_image(vol, tmp_path / "v.nii.gz")
+    out = tmp_path / "out"
+    rc = cli_main(
+        [
+            "predict",
+            str(tmp_path / "v.nii.gz"),
+            "--auto",
+            "--adapter",
+            str(tmp_path / "masam.safetensors"),
+            "--depth",
+            "2",
+            "--device",
+            "cpu",
+            "--out",
+            str(out),
+        ]
+    )
+    assert rc == 0, capsys.readouterr().err
+    from medsa.data.io import read_image
+
+    lab = read_image(out / "v_mask.nii.gz").array
+    assert lab.shape == (3, 24, 28) and lab.max() < 3
+    rc = cli_main(
+        [
+            "predict",
+            str(tmp_path / "v.nii.gz"),
+            "--auto",
+            "--backbone",
+            "vit_tiny",
+            "--out",
+            str(out),
+        ]
+    )
+    assert rc == 1 and "multi-class head" in capsys.readouterr().err

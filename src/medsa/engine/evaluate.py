@@ -32,6 +32,7 @@ from medsa.engine.inference import (
     decode_prompts,
     from_data_prompt,
     model_input,
+    segment_auto,
     segment_everything,
 )
 from medsa.engine.metrics import MetricConfig, compute_metrics
@@ -290,37 +291,46 @@ def _evaluate_case(
     combos = [(p, s, c) for p in cfg.protocols for s in cfg.seeds for c in classes]
     preds = {k: np.zeros(ref.shape, dtype=bool) for k in combos}
     rngs = {k: _rng(k[1], case.id, k[2], k[0]) for k in combos}
-    protocol_fns = {p: get_protocol(p) for p in cfg.protocols if p != "everything"}
+    protocol_fns = {p: get_protocol(p) for p in cfg.protocols if p not in ("everything", "auto")}
+    model = getattr(predictor, "model", None)
+    if "auto" in cfg.protocols and getattr(model, "masam_decoder", None) is None:
+        raise ConfigError(
+            "protocol 'auto' needs a model with MA-SAM's multi-class head "
+            "(an adapter trained with method masam and num_classes)"
+        )
     noc_masks = {
         c: [np.zeros(ref.shape, dtype=bool) for _ in range(cfg.noc_clicks)] for c in classes
     }
     noc_rngs = {c: _rng(cfg.seeds[0], case.id, c, "noc") for c in classes}
 
+    prompted = [p for p in cfg.protocols if p not in ("everything", "auto")]
+    run_noc = cfg.noc_clicks > 0 and bool(prompted)
+    class_ids = {c: int(ds.classes[c]) for c in classes}
     for z in slices:
         gt2 = {c: (g[z] if z is not None else g) for c, g in gts.items()}
-        if not any(m.any() for m in gt2.values()):
-            continue  # no target on this slice: no prompt, prediction stays empty
+        has_target = any(m.any() for m in gt2.values())
+        # without a target a slice gets no prompt (prediction stays empty); only the
+        # prompt-free "auto" head has to look at every slice
+        if not has_target and "auto" not in cfg.protocols:
+            continue
         xz = x[z] if z is not None else x
         if encoder is not None:
             encoder.set_slice(z)  # depth-aware embedding of the chunk around z
         else:
             predictor.set_image(xz)
-        auto = None
-        todo, prompts = [], []
+        if "auto" in cfg.protocols:
+            lab = segment_auto(predictor)
+            for combo in combos:
+                if combo[0] == "auto":
+                    _put(preds[combo], z, lab == class_ids[combo[2]])
+        todo, prompts, everything = [], [], []
         for combo in combos:
             prot, seed, cls = combo
             m = gt2[cls]
-            if not m.any():
+            if not m.any() or prot == "auto":
                 continue
             if prot == "everything":
-                if auto is None:  # deterministic: one run serves every seed and class
-                    auto = segment_everything(
-                        predictor,
-                        xz,
-                        intensity="none",
-                        **cfg.everything,
-                    )
-                _put(preds[combo], z, best_overlap_mask(auto, m))
+                everything.append(combo)
             else:
                 todo.append(combo)
                 prompts.append(from_data_prompt(protocol_fns[prot](m, rngs[combo])))
@@ -328,7 +338,7 @@ def _evaluate_case(
             out, _, _ = decode_prompts(predictor, prompts)
             for combo, mk in zip(todo, out, strict=True):
                 _put(preds[combo], z, mk)
-        if cfg.noc_clicks:
+        if run_noc and has_target:
             present = [c for c, m in gt2.items() if m.any()]
             series = _click_series(
                 predictor,
@@ -341,6 +351,11 @@ def _evaluate_case(
             for cls, masks in zip(present, series, strict=True):
                 for k, mk in enumerate(masks):
                     _put(noc_masks[cls][k], z, mk)
+        if everything:  # last: the generator re-sets the (2D) image embedding
+            # deterministic: one run serves every seed and class
+            auto = segment_everything(predictor, xz, intensity="none", **cfg.everything)
+            for combo in everything:
+                _put(preds[combo], z, best_overlap_mask(auto, gt2[combo[2]]))
 
     rows = []
     store = []
@@ -364,7 +379,7 @@ def _evaluate_case(
                 }
             )
     noc: dict[str, list[float]] = {}
-    if cfg.noc_clicks:
+    if run_noc:
         from medsa.engine.metrics import dice
 
         noc = {c: [dice(mk, gts[c]) for mk in noc_masks[c]] for c in classes if gts[c].any()}

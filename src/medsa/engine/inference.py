@@ -41,6 +41,7 @@ __all__ = [
     "simulate_prompt",
     "segment_everything",
     "best_overlap_mask",
+    "segment_auto",
     "decode_prompts",
     "from_data_prompt",
     "iterate_clicks",
@@ -48,8 +49,9 @@ __all__ = [
 ]
 
 #: prompt protocols of the Med-SA paper (Sec. 4.1) plus SAM's automatic "everything" mode
-#: ("box" = the tight bounding box, as in MedSAM / LiteMedSAM evaluations)
-PROTOCOLS: tuple[str, ...] = ("1pt", "3pt", "bbox0.5", "bbox0.75", "box", "everything")
+#: ("box" = the tight bounding box, as in MedSAM / LiteMedSAM evaluations; "auto" = no prompt,
+#: MA-SAM's multi-class head)
+PROTOCOLS: tuple[str, ...] = ("1pt", "3pt", "bbox0.5", "bbox0.75", "box", "everything", "auto")
 
 
 @dataclass
@@ -495,8 +497,8 @@ def simulate_prompt(protocol: str, mask: np.ndarray, rng: np.random.Generator) -
     """
     from medsa.data.prompts import get_protocol
 
-    if protocol not in PROTOCOLS or protocol == "everything":
-        choices = ", ".join(p for p in PROTOCOLS if p != "everything")
+    if protocol not in PROTOCOLS or protocol in ("everything", "auto"):
+        choices = ", ".join(p for p in PROTOCOLS if p not in ("everything", "auto"))
         raise PromptError(f"unknown prompt protocol {protocol!r}; choose from {choices}")
     m = np.asarray(mask).astype(bool)
     if not m.any():
@@ -548,6 +550,22 @@ def segment_everything(
     masks = [np.asarray(r["segmentation"], dtype=bool) for r in records]
     masks.sort(key=lambda m: -int(m.sum()))
     return np.stack(masks) if masks else np.zeros((0, h, w), dtype=bool)
+
+
+def segment_auto(predictor: Any) -> np.ndarray:
+    """Prompt-free multi-class prediction of MA-SAM's head on the predictor's current image.
+
+    ``model.masam_decoder(embedding)`` gives logits ``(1, K, S, S)`` in the padded input frame (as
+    in training); they are cropped to the resized image, resized to the original ``(H, W)`` like
+    SAM's masks, and the argmax over the K classes (0 = background) is returned ``(H, W)`` int64.
+    """
+    model = predictor.model
+    head = getattr(model, "masam_decoder", None)
+    if head is None:
+        raise PromptError("this model has no MA-SAM multi-class head; it needs prompts")
+    logits = head(predictor.get_image_embedding()).float()
+    logits = model.postprocess_masks(logits, predictor.input_size, predictor.original_size)
+    return logits.argmax(1)[0].cpu().numpy().astype(np.int64)
 
 
 def best_overlap_mask(candidates: np.ndarray, target: np.ndarray) -> np.ndarray:

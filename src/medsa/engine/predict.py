@@ -292,6 +292,26 @@ def _lookup(table: Mapping[str, Any], job: PredictJob, base: Path) -> Any:
 # --------------------------------------------------------------------------- running
 
 
+def _auto_labels(predictor: Any, x: np.ndarray, is_3d: bool, depth: int | None) -> np.ndarray:
+    """MA-SAM's prompt-free multi-class prediction: label map ``(H, W)`` / ``(D, H, W)`` uint8."""
+    from medsa.engine.inference import ChunkEncoder, segment_auto
+
+    if getattr(predictor.model, "masam_decoder", None) is None:
+        raise PromptError("--auto needs a model with MA-SAM's multi-class head (--adapter)")
+    if not is_3d:
+        predictor.set_image(x)
+        return segment_auto(predictor).astype(np.uint8)
+    enc = ChunkEncoder(predictor, x, depth) if depth else None
+    out = np.zeros(x.shape[:3], np.uint8)
+    for z in range(x.shape[0]):
+        if enc is not None:
+            enc.set_slice(z)
+        else:
+            predictor.set_image(x[z])
+        out[z] = segment_auto(predictor)
+    return out
+
+
 def _label_map(masks: np.ndarray) -> np.ndarray:
     """``(K, ...)`` bool -> label map (later objects win where they overlap)."""
     dtype = np.uint8 if len(masks) < 256 else np.uint16
@@ -312,7 +332,10 @@ def run_job(
     # (H, W, 3) / (D, H, W, 3) float in [0, 255], scaled as the training datasets do
     x = model_input(img.array, is_3d, args.intensity)
     shape = x.shape[:-1]
-    if args.everything:
+    prompts_used: Any = None
+    if args.auto:
+        labels = _auto_labels(predictor, x, is_3d, args.depth)
+    elif args.everything:
         pps = args.points_per_side
         if is_3d:
             labels = np.stack(
@@ -327,7 +350,6 @@ def run_job(
             labels = _label_map(
                 segment_everything(predictor, x, intensity="none", points_per_side=pps)
             )
-        prompts_used: Any = None
     else:
         if job.entry is not None:
             prompts = parse_prompt_entry(job.entry, is_3d, job.path.name)
@@ -342,7 +364,9 @@ def run_job(
             else:
                 prompts = [cli]
         else:
-            raise PromptError("no prompt: give --point/--box, --prompts FILE or --everything")
+            raise PromptError(
+                "no prompt: give --point/--box, --prompts FILE, --everything or --auto"
+            )
         if is_3d:
             if not isinstance(prompts, Mapping):
                 raise PromptError(f"{job.path} is a volume: prompts must be given per slice")
@@ -464,6 +488,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--everything", action="store_true", help="SAM automatic mode: label every object"
     )
     g.add_argument(
+        "--auto",
+        action="store_true",
+        help="no prompt: MA-SAM's multi-class head (adapter trained with num_classes)",
+    )
+    g.add_argument(
         "--points-per-side",
         type=int,
         default=32,
@@ -495,11 +524,18 @@ def main(args: argparse.Namespace) -> int:
     from medsa.engine.inference import as_predictor
     from medsa.engine.perf import resolve_device
 
-    n_modes = sum([bool(args.point or args.box), args.prompts is not None, bool(args.everything)])
+    n_modes = sum(
+        [
+            bool(args.point or args.box),
+            args.prompts is not None,
+            bool(args.everything),
+            bool(args.auto),
+        ]
+    )
     if n_modes == 0:
-        raise PromptError("no prompt: give --point/--box, --prompts FILE or --everything")
+        raise PromptError("no prompt: give --point/--box, --prompts FILE, --everything or --auto")
     if n_modes > 1:
-        raise PromptError("use only one of --point/--box, --prompts and --everything")
+        raise PromptError("use only one of --point/--box, --prompts, --everything and --auto")
     if args.depth is not None and args.depth < 1:
         raise ConfigError(f"--depth must be >= 1, got {args.depth}")
     if args.points_per_side < 1:

@@ -40,7 +40,9 @@ PROTOCOL_TITLES: dict[str, str] = {
     "3pt": "3-points",
     "bbox0.5": "BBox 0.5",
     "bbox0.75": "BBox 0.75",
+    "box": "BBox (tight)",
     "everything": "Everything",
+    "auto": "(no prompt)",
 }
 
 

@@ -148,6 +148,27 @@ def test_tinyvit_rejects_wrong_input_size(tiny_tinyvit) -> None:
         model.image_encoder(torch.zeros(1, 3, 64, 64))
 
 
+def test_tinyvit_grad_checkpointing_same_gradients(tiny_tinyvit) -> None:
+    enc = tiny_tinyvit.image_encoder
+    x = torch.randn(2, 3, 32, 32)
+    grads = []
+    saved = {k: v.clone() for k, v in enc.state_dict().items()}  # train() updates BN statistics
+    try:
+        for flag in (False, True):
+            enc.grad_checkpointing = flag
+            enc.train()
+            enc.zero_grad()
+            enc(x).square().mean().backward()
+            grads.append({n: p.grad.clone() for n, p in enc.named_parameters()})
+    finally:
+        enc.grad_checkpointing = False
+        enc.zero_grad()
+        enc.load_state_dict(saved)
+        enc.eval()
+    for name, g in grads[0].items():
+        assert torch.allclose(g, grads[1][name], atol=1e-6), name
+
+
 def _dice(a: np.ndarray, b: np.ndarray) -> float:
     return 2.0 * np.logical_and(a, b).sum() / max(a.sum() + b.sum(), 1)
 

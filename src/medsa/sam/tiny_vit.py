@@ -328,13 +328,18 @@ class BasicLayer(nn.Module):
 
 
 class TinyViT(nn.Module):
-    """TinyViT encoder: ``(B, 3, S, S)`` -> ``(B, out_chans, S', S')`` (LiteMedSAM: 256 -> 64)."""
+    """TinyViT encoder: ``(B, 3, S, S)`` -> ``(B, out_chans, S', S')`` (LiteMedSAM: 256 -> 64).
+
+    Set ``grad_checkpointing = True`` to recompute each stage's activations in the backward pass
+    (active in train mode with grad enabled), as for :class:`~medsa.sam.image_encoder.ImageEncoderViT`.
+    """
 
     def __init__(self, config: TinyViTConfig | None = None) -> None:
         super().__init__()
         cfg = config or TinyViTConfig()
         self.config = cfg
         self.img_size = cfg.img_size
+        self.grad_checkpointing = False
         res = cfg.resolutions()
         n = len(cfg.depths)
         self.patch_embed = PatchEmbed(cfg.in_chans, cfg.embed_dims[0])
@@ -395,7 +400,10 @@ class TinyViT(nn.Module):
             )
         x = self.patch_embed(x)
         for layer in self.layers:
-            x = layer(x, depth)
+            if self.grad_checkpointing and self.training and torch.is_grad_enabled():
+                x = torch.utils.checkpoint.checkpoint(layer, x, depth, use_reentrant=False)
+            else:
+                x = layer(x, depth)
         b, _, c = x.shape
         r = self.embedding_size
         return self.neck(x.view(b, r, r, c).permute(0, 3, 1, 2))

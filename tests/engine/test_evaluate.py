@@ -432,3 +432,17 @@ def test_predict_auto_with_masam_adapter(masam_model, tmp_path, capsys):
         ]
     )
     assert rc == 1 and "multi-class head" in capsys.readouterr().err
+
+
+def test_protocol_seed_overrides_and_worst_cases_are_distinct(oracle):
+    ds = SyntheticDataset(2, n=3)
+    cfg = EvalConfig(protocols=("box",), seeds=(0,), noc_clicks=0, worst_k=3)
+    res = evaluate_model(
+        oracle, ds, protocols=["bbox0.5", "1pt"], seeds=[3, 4], config=cfg, keep_worst=True
+    )
+    assert {r["protocol"] for r in res.rows} == {"bbox0.5", "1pt"}
+    assert {r["seed"] for r in res.rows} == {3, 4}
+    keys = [it["key"] for it in res.worst_items]
+    assert len(keys) == 3 and len(set(keys)) == 3  # one panel per (case, class)
+    worst_dice = min(r["dice"] for r in res.rows)
+    assert res.worst_items[0]["dice"] == worst_dice

@@ -14,6 +14,7 @@ Outputs in ``--out``: ``metrics.csv`` (one row per case x class x protocol x see
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import time
 import zlib
 from collections.abc import Iterable, Sequence
@@ -169,12 +170,10 @@ def evaluate_model(
 
     cfg = config or EvalConfig()
     if protocols is not None or seeds is not None:
-        cfg = EvalConfig(
-            **{
-                **_cfg_fields(cfg),
-                "protocols": tuple(protocols or cfg.protocols),
-                "seeds": tuple(int(s) for s in (seeds or cfg.seeds)),
-            }
+        cfg = dataclasses.replace(
+            cfg,
+            protocols=tuple(protocols or cfg.protocols),
+            seeds=tuple(int(s) for s in (seeds or cfg.seeds)),
         )
     ds = _load_dataset(dataset)
     classes = _select_classes(ds, cfg.classes)
@@ -215,8 +214,7 @@ def evaluate_model(
                     noc_n[cls] = noc_n.get(cls, 0) + 1
                 worst_store += store
                 if keep_worst:  # keep memory bounded: only the current worst candidates
-                    worst_store.sort(key=lambda s: s["dice"])
-                    del worst_store[cfg.worst_k :]
+                    worst_store = _worst_distinct(worst_store, cfg.worst_k)
                 if progress:
                     d = [r["dice"] for r in case_rows]
                     print(
@@ -242,8 +240,17 @@ def evaluate_model(
     return res
 
 
-def _cfg_fields(cfg: EvalConfig) -> dict[str, Any]:
-    return {f: getattr(cfg, f) for f in cfg.__dataclass_fields__}
+def _worst_distinct(items: list[dict[str, Any]], k: int) -> list[dict[str, Any]]:
+    """The ``k`` lowest-Dice items, at most one per (case, class) (its worst protocol / seed)."""
+    out: list[dict[str, Any]] = []
+    seen: set[Any] = set()
+    for it in sorted(items, key=lambda s: s["dice"]):
+        if it["key"] not in seen:
+            seen.add(it["key"])
+            out.append(it)
+        if len(out) == k:
+            break
+    return out
 
 
 def _load_dataset(dataset: Any) -> Any:
@@ -368,6 +375,7 @@ def _evaluate_case(
             store.append(
                 {
                     "dice": met["dice"],
+                    "key": (case.id, cls),
                     "image": np.clip(x[z] if z is not None else x, 0, 255).astype(np.uint8),
                     "gt": g[z] if z is not None else g,
                     "pred": preds[(prot, seed, cls)][z]

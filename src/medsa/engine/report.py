@@ -196,7 +196,7 @@ def plot_class_dice(summary: Mapping[str, Any], path: str | Path, title: str = "
     classes = list(dict.fromkeys(c for p in summary.values() for c in p["classes"]))
     x = np.arange(len(classes))
     width = 0.8 / max(len(protocols), 1)
-    fig, ax = plt.subplots(figsize=(max(4.0, 1.2 * len(classes) + 2), 3.5))
+    fig, ax = plt.subplots(figsize=(max(5.5, 1.2 * len(classes) + 2), 3.8))
     for i, prot in enumerate(protocols):
         cl = summary[prot]["classes"]
         means = [cl[c]["dice"]["mean"] * 100 if c in cl else np.nan for c in classes]
@@ -211,9 +211,9 @@ def plot_class_dice(summary: Mapping[str, Any], path: str | Path, title: str = "
         )
     ax.set_xticks(x, classes, rotation=30 if len(classes) > 4 else 0)
     ax.set_ylabel("Dice (%)")
-    ax.set_ylim(0, 118)  # headroom for the legend above the 100 % line
+    ax.set_ylim(0, 125)  # headroom for the legend above the 100 % line
     ax.set_yticks(range(0, 101, 20))
-    ax.legend(loc="upper center", fontsize=8, ncol=min(len(protocols), 5))
+    ax.legend(loc="upper center", fontsize=7, ncol=min(len(protocols), 3))
     if title:
         ax.set_title(title)
     fig.tight_layout()

@@ -169,6 +169,32 @@ def test_tinyvit_grad_checkpointing_same_gradients(tiny_tinyvit) -> None:
         assert torch.allclose(g, grads[1][name], atol=1e-6), name
 
 
+def test_frozen_batchnorm_keeps_statistics_in_train_mode(tiny_tinyvit) -> None:
+    enc = tiny_tinyvit.image_encoder
+    x = torch.randn(2, 3, 32, 32)
+    saved = {k: v.clone() for k, v in enc.state_dict().items()}
+    try:
+        with torch.no_grad():
+            expected = enc.eval()(x)
+        enc.requires_grad_(False)
+        enc.train()
+        with torch.no_grad():
+            frozen = enc(x)
+        assert torch.allclose(frozen, expected, atol=1e-5)
+        assert all(torch.equal(v, saved[k]) for k, v in enc.state_dict().items())
+        enc.requires_grad_(True)  # trainable BN: batch statistics, running stats updated
+        with torch.no_grad():
+            trainable = enc(x)
+        assert not torch.allclose(trainable, expected, atol=1e-3)
+        assert not torch.equal(
+            enc.patch_embed.seq[0].bn.running_mean, saved["patch_embed.seq.0.bn.running_mean"]
+        )
+    finally:
+        enc.requires_grad_(True)
+        enc.load_state_dict(saved)
+        enc.eval()
+
+
 def _dice(a: np.ndarray, b: np.ndarray) -> float:
     return 2.0 * np.logical_and(a, b).sum() / max(a.sum() + b.sum(), 1)
 

@@ -75,7 +75,22 @@ LITE_MEDSAM_TINYVIT = TinyViTConfig()
 
 
 class Conv2d_BN(nn.Sequential):  # noqa: N801 (name kept from TinyViT for recognisability)
-    """Conv (no bias) followed by BatchNorm; keys ``c.*`` and ``bn.*``."""
+    """Conv (no bias) followed by BatchNorm; keys ``c.*`` and ``bn.*``.
+
+    A BatchNorm whose weight is frozen (``requires_grad=False``) behaves as in eval mode even
+    under ``train()``: it normalises with, and does not update, its running statistics. Adapter
+    training freezes the backbone and calls ``model.train()``; without this the pretrained
+    statistics would drift towards the fine-tuning batches.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.c(x)
+        bn = self.bn
+        if bn.training and not bn.weight.requires_grad:
+            return F.batch_norm(
+                x, bn.running_mean, bn.running_var, bn.weight, bn.bias, False, 0.0, bn.eps
+            )
+        return bn(x)
 
     def __init__(
         self,

@@ -133,3 +133,15 @@ def test_packaged_example_configs_are_valid() -> None:
     assert paths, "no example configs found"
     for p in paths:
         load_config(p)
+
+
+def test_packaged_config_by_name() -> None:
+    from medsa.engine.config import packaged_configs
+
+    names = packaged_configs()
+    assert {"medsa_vit_b_2d", "masam_3d", "lora_vit_b_2d"} <= set(names)
+    cfg = load_config("masam_3d", ["method.num_classes=3"])
+    assert cfg.method["method"] == "masam" and cfg.method["num_classes"] == 3
+    assert cfg.loss.name == "dice_ce" and cfg.data.depth == 8
+    with pytest.raises(ConfigError, match="packaged configs: .*medsa_vit_b_2d"):
+        load_config("no_such_config")

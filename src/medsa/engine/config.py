@@ -36,7 +36,9 @@ __all__ = [
     "config_to_dict",
     "config_to_yaml",
     "load_config",
+    "packaged_configs",
     "parse_override",
+    "resolve_config_path",
 ]
 
 DEFAULT_PROTOCOLS: dict[str, float] = {"1pt": 0.3, "3pt": 0.2, "bbox0.5": 0.25, "bbox0.75": 0.25}
@@ -422,13 +424,33 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return data
 
 
+def packaged_configs() -> dict[str, Path]:
+    """Example configs shipped in ``medsa/configs``: name (file stem) -> path."""
+    folder = Path(__file__).resolve().parents[1] / "configs"
+    return {p.stem: p for p in sorted(folder.glob("*.yaml"))}
+
+
+def resolve_config_path(path: str | Path) -> Path:
+    """A config file path, or the name of a packaged config (``medsa_vit_b_2d``)."""
+    p = Path(path)
+    if p.exists():
+        return p
+    shipped = packaged_configs()
+    if str(path) in shipped:
+        return shipped[str(path)]
+    raise ConfigError(
+        f"config file {p} does not exist (packaged configs: {', '.join(shipped) or 'none'})"
+    )
+
+
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> TrainConfig:
-    """Read a YAML config (or start from the defaults when ``path`` is None) and apply overrides."""
+    """Read a YAML config (a path or a packaged config name; the defaults when ``path`` is None)
+    and apply ``key=value`` overrides."""
     import yaml
 
     data: Any = {}
     if path is not None:
-        p = Path(path)
+        p = resolve_config_path(path)
         try:
             data = yaml.safe_load(p.read_text())
         except FileNotFoundError:

@@ -1,0 +1,111 @@
+"""``medsa train`` end to end on a tiny synthetic folder dataset: outputs, --resume, error paths."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from medsa.cli import main as cli
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def folder_dataset(tmp_path_factory) -> Path:
+    """10 RGB PNGs (80 x 96) with a bright rectangle, masks 0/255 (the 2D folder layout)."""
+    root = tmp_path_factory.mktemp("rects")
+    (root / "images").mkdir()
+    (root / "masks").mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(10):
+        img = np.full((80, 96, 3), 40, np.uint8)
+        m = np.zeros((80, 96), np.uint8)
+        x0, y0 = rng.integers(5, 40, 2)
+        img[y0 : y0 + 25, x0 : x0 + 30] = 200
+        m[y0 : y0 + 25, x0 : x0 + 30] = 255
+        Image.fromarray(img).save(root / "images" / f"case{i:02d}.png")
+        Image.fromarray(m).save(root / "masks" / f"case{i:02d}.png")
+    return root
+
+
+def _config(tmp_path: Path, data_root: Path, out: str = "run") -> Path:
+    p = tmp_path / "cfg.yaml"
+    p.write_text(
+        f"""
+model: {{backbone: vit_tiny, options: {{img_size: 64}}}}
+method: {{method: medsa, rank: 4}}
+data: {{root: {data_root}, n_folds: 2, test_fraction: 0.2}}
+prompts: {{protocols: {{1pt: 0.5, bbox0.75: 0.5}}, clicks: 1}}
+optim: {{lr: 1.0e-3}}
+train: {{epochs: 2, batch_size: 2, device: cpu, out_dir: {tmp_path / out}}}
+logging: {{progress: false, log_every: 1}}
+"""
+    )
+    return p
+
+
+def test_train_cli_writes_run_and_resumes(tmp_path: Path, folder_dataset: Path, capsys) -> None:
+    cfg = _config(tmp_path, folder_dataset)
+    run = tmp_path / "run"
+    assert cli(["train", "-c", str(cfg), "--stop-after-steps", "1"]) == 0
+    state = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
+    assert state["step"] == 1
+    split = json.loads((run / "splits.json").read_text())
+    assert len(split["test"]) == 2 and len(split["train"]) == 4 and len(split["val"]) == 4
+    assert not set(split["test"]) & set(split["train"] + split["val"])
+    assert (run / "config.yaml").is_file() and list((run / "tensorboard").iterdir())
+    # continue: config comes from the checkpoint; 4 train images / batch 2 x 2 epochs = 4 steps
+    assert cli(["train", "--resume", str(run)]) == 0
+    summary = json.loads((run / "train_summary.json").read_text())
+    assert summary["steps"] == 4 and summary["best_val_dice"] is not None
+    steps = [int(r.split(",")[2]) for r in (run / "log.csv").read_text().splitlines()[1:]
+             if r.startswith("train")]  # fmt: skip
+    assert steps == [1, 2, 3, 4]  # one log, appended across the interruption
+    out = capsys.readouterr().out
+    assert "trained 4 steps" in out
+
+
+def test_print_config_applies_overrides(tmp_path: Path, folder_dataset: Path, capsys) -> None:
+    cfg = _config(tmp_path, folder_dataset)
+    assert cli(["train", "-c", str(cfg), "--set", "optim.lr=5e-4", "--print-config"]) == 0
+    out = capsys.readouterr().out
+    assert "lr: 0.0005" in out and "backbone: vit_tiny" in out
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        ([], "give --config cfg.yaml"),
+        (["--set", "optim.lrr=1"], "unknown config key 'optim.lrr'"),
+        (["--set", "data.root=/nonexistent/data"], "not a folder"),
+        (["--set", "model.backbone=vit_q"], "unknown model 'vit_q'"),
+        (["--set", "data.classes=[tumour]"], "unknown class 'tumour'"),
+        (["--resume", "/nonexistent/run"], "no such file or folder"),
+        (["--stop-after-steps", "0"], "--stop-after-steps must be >= 1"),
+    ],
+)
+def test_cli_errors(tmp_path: Path, folder_dataset: Path, capsys, args, message) -> None:
+    cfg = _config(tmp_path, folder_dataset)
+    full = ["train"] + ([] if not args or args[0] == "--resume" else ["-c", str(cfg)]) + args
+    assert cli(full) == 1
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_cli_corrupt_resume_checkpoint(tmp_path: Path, folder_dataset: Path, capsys) -> None:
+    ck = tmp_path / "run" / "checkpoints"
+    ck.mkdir(parents=True)
+    (ck / "last.pt").write_bytes(b"\x00" * 100)
+    assert cli(["train", "--resume", str(tmp_path / "run")]) == 1
+    assert "unreadable" in capsys.readouterr().err

@@ -446,3 +446,30 @@ def test_protocol_seed_overrides_and_worst_cases_are_distinct(oracle):
     assert len(keys) == 3 and len(set(keys)) == 3  # one panel per (case, class)
     worst_dice = min(r["dice"] for r in res.rows)
     assert res.worst_items[0]["dice"] == worst_dice
+
+
+def test_prompt_simulation_failure_is_reported_not_fatal(oracle, monkeypatch):
+    import medsa.data.prompts as P
+    from medsa.errors import PromptError
+
+    real = P.get_protocol
+
+    def flaky(name):
+        fn = real(name)
+
+        def wrapped(mask, rng):
+            if mask.sum() < 200:  # the smaller "cup" target: no prompt can be built
+                raise PromptError("could not build a box")
+            return fn(mask, rng)
+
+        return wrapped
+
+    monkeypatch.setattr(P, "get_protocol", flaky)
+    res = evaluate_model(
+        oracle,
+        SyntheticDataset(2, n=1),
+        config=EvalConfig(protocols=("box",), noc_clicks=0, worst_k=0),
+    )
+    by_class = {r["class"]: r for r in res.rows}
+    assert by_class["disc"]["dice"] == 1.0 and by_class["cup"]["dice"] == 0.0
+    assert len(res.prompt_failures) == 1 and "cup" in res.prompt_failures[0]

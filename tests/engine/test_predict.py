@@ -174,8 +174,11 @@ def test_prompt_parsing():
         parse_prompt_entry({"box": [1, 2, 3, 4]}, True, "v")
     with pytest.raises(PromptError, match="unknown prompt keys"):
         parse_prompt_entry({"bx": [1, 2, 3, 4]}, False, "f")
-    with pytest.raises(PromptError, match="x0 < x1"):
+    with pytest.raises(PromptError, match="x0 <= x1"):
         Prompt(box=[5, 5, 1, 1]).validate(10, 10)
+    Prompt(box=[5, 5, 5, 7]).validate(10, 10)  # one pixel wide: a valid tight box
+    with pytest.raises(PromptError, match="labels must be 1 or 0"):
+        Prompt.from_json({"points": [[1, 2, 0.5]]})
     assert parse_slices("2:4", 6) == [2, 3, 4]
     with pytest.raises(PromptError, match="outside"):
         parse_slices("6", 6)

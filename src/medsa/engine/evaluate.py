@@ -37,7 +37,7 @@ from medsa.engine.inference import (
     segment_everything,
 )
 from medsa.engine.metrics import MetricConfig, compute_metrics
-from medsa.errors import CheckpointError, ConfigError, DataError
+from medsa.errors import CheckpointError, ConfigError, DataError, PromptError
 
 HELP = "Dice / IoU / HD95 / NSD of a model under the papers' prompt protocols"
 
@@ -118,6 +118,8 @@ class EvalResults:
     seconds: float = 0.0
     #: image / gt / pred slices of the worst cases (``keep_worst=True``), for the overlay plot
     worst_items: list[dict[str, Any]] = field(default_factory=list, repr=False)
+    #: prompts that could not be simulated (that slice got no prompt), one message each
+    prompt_failures: list[str] = field(default_factory=list)
 
     def mean_dice(self, protocol: str | None = None) -> float:
         """Average Dice over classes (and seeds) for ``protocol`` (default: the first one)."""
@@ -200,15 +202,17 @@ def evaluate_model(
     noc_sum: dict[str, np.ndarray] = {}
     noc_n: dict[str, int] = {}
     worst_store: list[dict[str, Any]] = []
+    failures: list[str] = []
     try:
         import torch
 
         with torch.inference_mode():
             for i, case in enumerate(cases):
-                case_rows, noc, store = _evaluate_case(
+                case_rows, noc, store, fails = _evaluate_case(
                     predictor, ds, case, classes, cfg, keep_worst
                 )
                 rows += case_rows
+                failures += fails
                 for cls, curve in noc.items():
                     noc_sum[cls] = noc_sum.get(cls, 0) + np.asarray(curve)
                     noc_n[cls] = noc_n.get(cls, 0) + 1
@@ -236,6 +240,7 @@ def evaluate_model(
         config=cfg,
         seconds=time.perf_counter() - t0,
         worst_items=worst_store,
+        prompt_failures=failures,
     )
     return res
 
@@ -273,7 +278,7 @@ def _select_classes(ds: Any, wanted: Sequence[str] | None) -> list[str]:
 
 def _evaluate_case(
     predictor: Any, ds: Any, case: Any, classes: list[str], cfg: EvalConfig, keep: bool
-) -> tuple[list[dict[str, Any]], dict[str, list[float]], list[dict[str, Any]]]:
+) -> tuple[list[dict[str, Any]], dict[str, list[float]], list[dict[str, Any]], list[str]]:
     from medsa.data.prompts import get_protocol, next_click
 
     img, targets = ds.load_case(case)
@@ -311,6 +316,7 @@ def _evaluate_case(
     noc_rngs = {c: _rng(cfg.seeds[0], case.id, c, "noc") for c in classes}
 
     prompted = [p for p in cfg.protocols if p not in ("everything", "auto")]
+    failures: list[str] = []
     run_noc = cfg.noc_clicks > 0 and bool(prompted)
     class_ids = {c: int(ds.classes[c]) for c in classes}
     for z in slices:
@@ -339,8 +345,16 @@ def _evaluate_case(
             if prot == "everything":
                 everything.append(combo)
             else:
+                try:
+                    prompt = from_data_prompt(protocol_fns[prot](m, rngs[combo]))
+                except PromptError as e:
+                    # e.g. no box of the requested IoU fits a tiny object at the border: this
+                    # slice gets no prompt (empty prediction); reported, not fatal
+                    where = f" slice {z}" if z is not None else ""
+                    failures.append(f"{case.id} / {cls} / {prot} / seed {seed}{where}: {e}")
+                    continue
                 todo.append(combo)
-                prompts.append(from_data_prompt(protocol_fns[prot](m, rngs[combo])))
+                prompts.append(prompt)
         if prompts:
             out, _, _ = decode_prompts(predictor, prompts)
             for combo, mk in zip(todo, out, strict=True):
@@ -391,7 +405,7 @@ def _evaluate_case(
         from medsa.engine.metrics import dice
 
         noc = {c: [dice(mk, gts[c]) for mk in noc_masks[c]] for c in classes if gts[c].any()}
-    return rows, noc, store
+    return rows, noc, store, failures
 
 
 def _put(volume: np.ndarray, z: int | None, mask: np.ndarray) -> None:
@@ -617,6 +631,14 @@ def main(args: argparse.Namespace) -> int:
     print(
         f"{len(res.rows)} rows in {res.seconds:.1f} s; wrote " + ", ".join(p.name for p in written)
     )
+    if res.prompt_failures:
+        import sys
+
+        print(
+            f"warning: {len(res.prompt_failures)} prompt(s) could not be simulated; those slices "
+            f"got no prompt (listed in summary.json), e.g. {res.prompt_failures[0]}",
+            file=sys.stderr,
+        )
     return 0
 
 
@@ -636,6 +658,7 @@ def write_outputs(res: EvalResults, out: Path, method: str) -> list[Path]:
                 "seconds": res.seconds,
                 "summary": res.summary,
                 "noc": res.noc,
+                "prompt_failures": res.prompt_failures,
                 "worst": [
                     dict(zip(("case_id", "class", "protocol", "seed", "dice"), w, strict=True))
                     for w in res.worst

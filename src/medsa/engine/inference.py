@@ -122,8 +122,11 @@ class Prompt:
             x0, y0, x1, y1 = (float(v) for v in self.box)
             if not np.isfinite(self.box).all():
                 raise PromptError("box coordinates must be finite numbers")
-            if x1 <= x0 or y1 <= y0:
-                raise PromptError(f"box ({x0:g}, {y0:g}, {x1:g}, {y1:g}) needs x0 < x1 and y0 < y1")
+            # x0 == x1 is allowed: the tight box of a one-pixel-wide object (inclusive corners)
+            if x1 < x0 or y1 < y0:
+                raise PromptError(
+                    f"box ({x0:g}, {y0:g}, {x1:g}, {y1:g}) needs x0 <= x1 and y0 <= y1"
+                )
             if x0 < 0 or y0 < 0 or x1 > width or y1 > height:
                 raise PromptError(
                     f"box ({x0:g}, {y0:g}, {x1:g}, {y1:g}) lies outside the {width}x{height} image"
@@ -161,6 +164,8 @@ class Prompt:
                 raise PromptError(
                     f"each point must be [x, y] or [x, y, label], got {obj['points']!r}"
                 )
+            if any(len(r) == 3 and r[2] not in (0.0, 1.0) for r in rows):
+                raise PromptError(f"point labels must be 1 or 0, got {obj['points']!r}")
             points = np.array([r[:2] for r in rows], dtype=np.float32)
             labels = np.array([int(r[2]) if len(r) == 3 else 1 for r in rows], dtype=np.int64)
         box = None

@@ -379,25 +379,27 @@ def _evaluate_case(
                 _put(preds[combo], z, best_overlap_mask(auto, gt2[combo[2]]))
 
     rows = []
-    store = []
     for prot, seed, cls in combos:
         met = compute_metrics(preds[(prot, seed, cls)], gts[cls], spacing, cfg.metrics)
         rows.append({"case_id": case.id, "class": cls, "protocol": prot, "seed": int(seed), **met})
-        if keep:
-            g = gts[cls]
+    store = []
+    if keep:  # images only for this case's candidates for the worst-case figure
+        cands = [{"dice": r["dice"], "key": (case.id, r["class"]), "row": r} for r in rows]
+        for c in _worst_distinct(cands, cfg.worst_k):
+            r = c["row"]
+            g = gts[r["class"]]
+            pred = preds[(r["protocol"], r["seed"], r["class"])]
             z = int(np.argmax(g.reshape(g.shape[0], -1).sum(1))) if is_3d else None
+            title = f"{case.id} {r['class']} {r['protocol']} s{r['seed']}"
+            title += (f" z={z}" if z is not None else "") + f"\nDice {r['dice']:.2f}"
             store.append(
                 {
-                    "dice": met["dice"],
-                    "key": (case.id, cls),
+                    "dice": r["dice"],
+                    "key": c["key"],
                     "image": np.clip(x[z] if z is not None else x, 0, 255).astype(np.uint8),
                     "gt": g[z] if z is not None else g,
-                    "pred": preds[(prot, seed, cls)][z]
-                    if z is not None
-                    else preds[(prot, seed, cls)],
-                    "title": f"{case.id} {cls} {prot} s{seed}"
-                    + (f" z={z}" if z is not None else "")
-                    + f"\nDice {met['dice']:.2f}",
+                    "pred": pred[z] if z is not None else pred,
+                    "title": title,
                 }
             )
     noc: dict[str, list[float]] = {}

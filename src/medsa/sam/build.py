@@ -114,7 +114,7 @@ def get_config(name: str, **overrides: Any) -> SamConfig:
 
 
 def build_sam_from_config(config: SamConfig, name: str = "custom") -> Sam:
-    """Build a randomly initialised :class:`Sam` from a :class:`SamConfig`."""
+    """Build a randomly initialised :class:`Sam` from a :class:`SamConfig` (in eval mode)."""
     enc_cfg = config.encoder
     if enc_cfg.out_chans != config.prompt_embed_dim:
         raise ConfigError(
@@ -154,7 +154,7 @@ def build_sam_from_config(config: SamConfig, name: str = "custom") -> Sam:
         name=name,
     )
     model.config = config
-    return model
+    return model.eval()
 
 
 def build_sam(name: str, checkpoint: str | Path | None = None, **overrides: Any) -> Sam:

@@ -172,6 +172,7 @@ def test_training_lowers_loss_and_only_tunables_change(tmp_path: Path) -> None:
     tr = make_trainer(cfg, data)
     batch = {k: torch.stack([data[i][k] for i in range(4)]) for k in ("image", "target")}
     before_params = {n: p.detach().clone() for n, p in tr.model.named_parameters()}
+    before_bufs = {n: b.detach().clone() for n, b in tr.model.named_buffers()}
     before = _fixed_loss(tr, batch)
     tr.fit()
     after = _fixed_loss(tr, batch)
@@ -185,6 +186,8 @@ def test_training_lowers_loss_and_only_tunables_change(tmp_path: Path) -> None:
             frozen_changed += not same
             assert p.grad is None, n
     assert frozen_changed == 0  # frozen weights bitwise unchanged
+    for n, b in tr.model.named_buffers():
+        assert torch.equal(b, before_bufs[n]), n
     assert changed > 0
     # the optimizer holds exactly the tunable parameters
     opt_ids = {id(p) for g in tr.optimizer.param_groups for p in g["params"]}

@@ -20,11 +20,15 @@ _EXPORTS = {
     "Sam": "sam",
     "SamConfig": "build",
     "build_sam": "build",
+    "build_sam_from_config": "build",
+    "load_checkpoint": "build",
     "get_config": "build",
     "MODEL_NAMES": "build",
     "SamPredictor": "predictor",
     "ResizeLongestSide": "transforms",
+    "ResizeStretch": "transforms",
     "AutomaticMaskGenerator": "automatic",
+    "AutomaticMaskConfig": "automatic",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -228,6 +228,8 @@ def plot_noc(noc: Mapping[str, Sequence[float]], path: str | Path, title: str = 
     fig, ax = plt.subplots(figsize=(4.5, 3.5))
     for cls, curve in noc.items():
         ax.plot(np.arange(1, len(curve) + 1), np.asarray(curve) * 100, marker="o", label=cls)
+    n_max = max((len(c) for c in noc.values()), default=1)
+    ax.set_xticks(range(1, n_max + 1))  # clicks are integers
     ax.set_xlabel("number of clicks")
     ax.set_ylabel("mean Dice (%)")
     ax.set_ylim(0, 100)

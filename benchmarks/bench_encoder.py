@@ -116,6 +116,7 @@ def main(argv: list[str] | None = None) -> dict:
                 *[c.strip() for c in name.split(" | ")],
                 *([""] if " | compiled" not in name and args.compile else []),
                 fmt_ms(r.median_s),
+                f"{r.median_cpu_s:.3g}",
                 f"{r.throughput:.2f}",
                 f"{base.median_s / r.median_s:.2f}x",
                 f"{same.median_s / r.median_s:.2f}x" if same is not None else "-",
@@ -125,7 +126,7 @@ def main(argv: list[str] | None = None) -> dict:
         )
         r.extra["rel_err_vs_sa_fp32"] = rel_error(r.output, base.output)
     headers = ["model", "attention", "dtype"] + (["compile"] if args.compile else [])
-    headers += ["ms/batch", "img/s", "x SA fp32", "x SA same dtype", "peak mem", "rel err"]
+    headers += ["ms/batch", "CPU s", "img/s", "x SA fp32", "x SA same dtype", "peak mem", "rel err"]
     env = environment(device)
     title = (
         f"Image encoder inference, {args.backbone} @ {cfg.img_size}px, batch {args.batch}, "
@@ -137,6 +138,7 @@ def main(argv: list[str] | None = None) -> dict:
             {
                 "name": n,
                 "seconds": r.seconds,
+                "cpu_seconds": r.cpu_seconds,
                 "img_per_s": r.throughput,
                 "peak_bytes": r.peak_bytes,
                 **r.extra,

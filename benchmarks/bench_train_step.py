@@ -160,6 +160,7 @@ def main(argv: list[str] | None = None) -> dict:
             [
                 *[c.strip() for c in name.split(" | ")],
                 fmt_ms(r.median_s),
+                f"{r.median_cpu_s:.3g}",
                 f"{r.throughput:.3g}",
                 f"{base.median_s / r.median_s:.2f}x",
                 fmt_bytes(r.peak_bytes),
@@ -170,7 +171,7 @@ def main(argv: list[str] | None = None) -> dict:
         "medsa": sum(p.numel() for p in trainable_parameters(ours)),
         "reference": sum(p.numel() for p in ref.parameters() if p.requires_grad) if ref else 0,
     }
-    headers = ["model", "attention", "dtype", "checkpointing", "ms/step", "img/s"]
+    headers = ["model", "attention", "dtype", "checkpointing", "ms/step", "CPU s", "img/s"]
     headers += [f"x {base_name.split(' | ')[0].split(' ')[0]}", "peak mem", "loss (1st step)"]
     env = environment(device)
     title = (
@@ -182,7 +183,13 @@ def main(argv: list[str] | None = None) -> dict:
         "args": {k: str(v) for k, v in vars(args).items()},
         "trainable_params": n_train,
         "rows": [
-            {"name": n, "seconds": r.seconds, "img_per_s": r.throughput, "peak_bytes": r.peak_bytes}
+            {
+                "name": n,
+                "seconds": r.seconds,
+                "cpu_seconds": r.cpu_seconds,
+                "img_per_s": r.throughput,
+                "peak_bytes": r.peak_bytes,
+            }
             for n, r in results.items()
         ],
     }

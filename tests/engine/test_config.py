@@ -46,6 +46,8 @@ def test_yaml_sections_and_typed_overrides(tmp_path: Path) -> None:
             "model.options.img_size=64",
         ],
     )
+    named = load_config(None, ["data.classes={RV: 1, MYO: 2, LV: 3}"])
+    assert named.data.classes == {"RV": 1, "MYO": 2, "LV": 3}
     assert cfg.model.backbone == "vit_tiny"
     assert cfg.optim.lr == pytest.approx(3e-4) and isinstance(cfg.optim.lr, float)
     assert cfg.train.epochs == 5 and cfg.train.max_steps is None

@@ -81,6 +81,12 @@ def test_print_config_applies_overrides(tmp_path: Path, folder_dataset: Path, ca
     assert cli(["train", "-c", str(cfg), "--set", "optim.lr=5e-4", "--print-config"]) == 0
     out = capsys.readouterr().out
     assert "lr: 0.0005" in out and "backbone: vit_tiny" in out
+    assert (
+        cli(["train", "-c", str(cfg), "--set", "method={method: lora, rank: 2}", "--print-config"])
+        == 0
+    )
+    out = capsys.readouterr().out
+    assert "method: lora" in out and "rank: 2" in out and "sd_trans" not in out
 
 
 @pytest.mark.parametrize(
@@ -91,6 +97,8 @@ def test_print_config_applies_overrides(tmp_path: Path, folder_dataset: Path, ca
         (["--set", "data.root=/nonexistent/data"], "not a folder"),
         (["--set", "model.backbone=vit_q"], "unknown model 'vit_q'"),
         (["--set", "data.classes=[tumour]"], "unknown class 'tumour'"),
+        (["--set", "data.layout=nnunet"], "has the 'folder' layout"),
+        (["--set", "method=lora"], "needs a mapping"),
         (["--resume", "/nonexistent/run"], "no such file or folder"),
         (["--stop-after-steps", "0"], "--stop-after-steps must be >= 1"),
     ],

@@ -59,8 +59,10 @@ class DataSection:
     """Dataset, split and input geometry."""
 
     root: str = ""  #: dataset folder (layouts understood by medsa.data.load_dataset)
-    layout: str | None = None  #: None = auto-detect
-    classes: list[str] | None = None  #: class names to train on; None = every class
+    layout: str | None = None  #: expected layout (folder, nnunet, imagesTr...); None = any
+    #: class names to train on (list), or a {name: label value} mapping that names the classes
+    #: of a dataset without a dataset.json (e.g. ACDC {RV: 1, MYO: 2, LV: 3}); None = every class
+    classes: list[str] | dict[str, int] | None = None
     split_seed: int = 0  #: seed of the case-level split
     n_folds: int = 5  #: cross-validation folds of the train+val part
     fold: int = 0  #: which fold is validation
@@ -392,7 +394,11 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
                 f"unknown config key {'.'.join(path)!r}; valid keys: {', '.join(valid)}, method.<option>"
             )
         if head == "method":
-            if len(path) != 2:
+            if len(path) == 1 and not isinstance(value, dict):
+                raise ConfigError(
+                    f"--set method=... needs a mapping like {{method: lora, rank: 4}}; got {text!r}"
+                )
+            if len(path) > 2:
                 raise ConfigError(f"method overrides look like method.rank=16; got {text!r}")
         elif len(path) == 1:
             raise ConfigError(f"override {text!r} must name a key inside section {head!r}")
@@ -408,6 +414,9 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
                 ("model", "options"),
             ):
                 raise ConfigError(f"{field_key} has no sub-keys; got {text!r}")
+        if head == "method" and len(path) == 1:
+            data["method"] = value  # replace the whole method section
+            continue
         if head == "method" and not isinstance(data.get("method"), dict):
             data["method"] = _default_method()  # --set method.rank=8 on the default method
         if len(path) > 2:  # dict-valued field: the rest is ONE key (protocol names have dots)

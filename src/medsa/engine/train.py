@@ -871,11 +871,17 @@ def build_datasets(
     d = cfg.data
     if not d.root:
         raise ConfigError("data.root is not set (the dataset folder)")
-    info = load_dataset(d.root)
-    classes = d.classes or [None]
-    for c in d.classes or []:
+    mapping = d.classes if isinstance(d.classes, dict) else None
+    info = load_dataset(d.root, classes=mapping)
+    if d.layout is not None and info.layout != d.layout:
+        raise ConfigError(
+            f"data.layout is {d.layout!r} but {d.root} has the {info.layout!r} layout"
+        )
+    selected = list(d.classes) if isinstance(d.classes, list) else []
+    for c in selected:
         if c not in info.classes:
             raise ConfigError(f"unknown class {c!r}; dataset classes: {', '.join(info.classes)}")
+    classes: list[str | None] = list(selected) or [None]
     split = make_split(cfg, list(info.case_ids))
     mode = "multiclass" if _multiclass(model) else "binary"
     if mode == "multiclass":

@@ -670,7 +670,7 @@ class Trainer:
                 n_batches = math.ceil(self._n_per_rank() / cfg.train.batch_size)
                 b = self.batch_in_epoch
                 it = iter(self._loader(self.epoch, b))
-                window_loss = 0.0
+                window_loss: float | None = None  # last train loss of this epoch
                 while b < n_batches and self.step < self.total_steps:
                     group = min(accum, n_batches - b)
                     group_loss = 0.0
@@ -732,8 +732,9 @@ class Trainer:
                     if last_val is not None:
                         if is_main:
                             if log:
-                                log.write(event="val", epoch=self.epoch, step=self.step,
-                                          loss=f"{window_loss:.6f}", val_dice=f"{last_val:.6f}",
+                                wl = "" if window_loss is None else f"{window_loss:.6f}"
+                                log.write(event="val", epoch=self.epoch, step=self.step, loss=wl,
+                                          val_dice=f"{last_val:.6f}",
                                           seconds=f"{time.time() - t0:.1f}")  # fmt: skip
                             if tb:
                                 tb.add_scalar("val/dice", last_val, self.step)

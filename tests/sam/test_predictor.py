@@ -176,3 +176,20 @@ def test_half_precision_model(tiny_oracle) -> None:
         assert logits.dtype == np.float32 and scores.dtype == np.float32
         outs.append(low)
     assert np.abs(outs[0] - outs[1]).max() < 0.1 * np.abs(outs[0]).max()
+
+
+def test_image_to_rgb_intensity_rules() -> None:
+    from medsa.sam.predictor import image_to_rgb
+
+    u8 = np.arange(12, dtype=np.uint8).reshape(2, 2, 3)
+    assert image_to_rgb(u8) is not None and np.array_equal(image_to_rgb(u8), u8)
+    unit = np.array([[0.0, 0.5], [1.0, 0.25]], np.float32)
+    out = image_to_rgb(unit)
+    assert out.shape == (2, 2, 3) and np.allclose(out[..., 1], unit * 255)
+    ct = np.array([[-1000, 0], [500, 3000]], np.int16)  # outside [0, 255]: min-max rescaled
+    out = image_to_rgb(ct)
+    assert np.isclose(out.min(), 0) and np.isclose(out.max(), 255)
+    assert np.isclose(out[0, 1, 0], 1000 / 4000 * 255)
+    rgba = np.zeros((3, 4, 4), np.uint8)
+    assert image_to_rgb(rgba).shape == (3, 4, 3)
+    assert image_to_rgb(np.ones((2, 2), bool)).max() == 255

@@ -119,3 +119,25 @@ def test_predict_masks_batched_equals_per_image(tiny_oracle) -> None:
     with torch.no_grad():
         low0, _ = ours.predict_masks(emb)
     assert low0.shape == (3, 1, 32, 32)
+
+
+def test_predictor_matches_segment_anything_at_256(tmp_path) -> None:
+    """Another encoder input size (16x16 tokens: windows padded, rel-pos tables 31 long)."""
+    from sam_helpers import meta_sam, randomise
+
+    from medsa.sam.build import get_config
+
+    ref = meta_sam(get_config("vit_tiny", img_size=256))
+    randomise(ref, seed=7)
+    path = tmp_path / "tiny256.pth"
+    torch.save(ref.state_dict(), path)
+    ours = build_sam("vit_tiny", checkpoint=path, img_size=256)
+    image = np.random.default_rng(1).integers(0, 256, size=(150, 200, 3), dtype=np.uint8)
+    meta, pred = MetaPredictor(ref), SamPredictor(ours)
+    meta.set_image(image)
+    pred.set_image(image)
+    assert (meta.get_image_embedding() - pred.get_image_embedding()).abs().max() <= TOL
+    for prompt in _prompts(150, 200, np.zeros((1, 64, 64), np.float32)):
+        _, s_ref, l_ref = meta.predict(**prompt, return_logits=True)
+        _, s, lo = pred.predict(**prompt, return_logits=True)
+        assert np.abs(lo - l_ref).max() <= TOL and np.abs(s - s_ref).max() <= TOL

@@ -216,16 +216,24 @@ def test_adapter_checkpoint_loads_into_fresh_model(tmp_path: Path) -> None:
 
 
 def test_validation_and_best_checkpoint(tmp_path: Path) -> None:
-    cfg = make_cfg(tmp_path, train={"epochs": 2, "val_every": 1}, prompts={"val_protocol": "box"})
+    cfg = make_cfg(
+        tmp_path,
+        train={"epochs": 2, "val_every": 1, "val_at_start": True},
+        prompts={"val_protocol": "box"},
+    )
     tr = make_trainer(cfg, Rectangles(4), Rectangles(3, seed=5))
     v0 = tr.validate()
     assert 0.0 <= v0 <= 1.0
     assert tr.validate() == v0  # deterministic prompts
     s = tr.fit()
-    assert s["best_val_dice"] is not None and s["best_step"] in (2, 4)
+    assert s["best_val_dice"] is not None and s["best_step"] in (0, 2, 4)
     best = load_train_state(tmp_path / "checkpoints" / "best.pt")
     assert best["best_metric"] == pytest.approx(s["best_val_dice"])
-    assert "val" in (tmp_path / "log.csv").read_text()
+    rows = [r.split(",") for r in (tmp_path / "log.csv").read_text().splitlines()[1:]]
+    vals = [(int(r[2]), float(r[5])) for r in rows if r[0] == "val"]
+    assert [st for st, _ in vals] == [0, 2, 4]  # baseline before the first step, then per epoch
+    assert vals[0][1] == pytest.approx(v0, abs=1e-6)
+    assert s["best_val_dice"] == pytest.approx(max(v for _, v in vals), abs=1e-6)
 
 
 def test_grad_accumulation_equals_big_batch(tmp_path: Path) -> None:

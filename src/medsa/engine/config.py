@@ -176,6 +176,7 @@ class TrainSection:
     seed: int = 0
     num_workers: int = 0
     val_every: int = 1  #: validate every N epochs (0 = never; best = last)
+    val_at_start: bool = False  #: also validate before the first step (the zero-shot baseline)
     out_dir: str = "runs/medsa"
 
     def __post_init__(self) -> None:

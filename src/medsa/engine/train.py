@@ -638,6 +638,25 @@ class Trainer:
         self.model.train()
         return total / count if count else None
 
+    def _validate_and_keep_best(self, log, tb, bar, t0: float, train_loss: float | None):
+        val = self.validate()
+        if val is None:
+            return None
+        if self.dist.is_main:
+            if log:
+                log.write(event="val", epoch=self.epoch, step=self.step,
+                          loss="" if train_loss is None else f"{train_loss:.6f}",
+                          val_dice=f"{val:.6f}", seconds=f"{time.time() - t0:.1f}")  # fmt: skip
+            if tb:
+                tb.add_scalar("val/dice", val, self.step)
+            msg = f"epoch {self.epoch} step {self.step}: val Dice {val:.4f}"
+            if bar is not None:
+                bar.write(msg)
+        if self.best_metric is None or val > self.best_metric:
+            self.best_metric, self.best_step = float(val), self.step
+            self.save("best")
+        return val
+
     # -- the loop -----------------------------------------------------------------------------
 
     def fit(self, stop_at_step: int | None = None) -> dict[str, Any]:
@@ -666,6 +685,10 @@ class Trainer:
         last_val: float | None = None
         stopped = False
         try:
+            if self.step == 0 and cfg.train.val_at_start and cfg.train.val_every and self.val_set:
+                # the baseline (adapters start as identity: the pre-trained model) is also a
+                # candidate for "best"
+                last_val = self._validate_and_keep_best(log, tb, bar, t0, None)
             while self.step < self.total_steps and self.epoch < self.epochs:
                 n_batches = math.ceil(self._n_per_rank() / cfg.train.batch_size)
                 b = self.batch_in_epoch
@@ -728,21 +751,7 @@ class Trainer:
                 final = self.step >= self.total_steps or self.epoch >= self.epochs
                 ve = cfg.train.val_every
                 if self.val_set is not None and ve and (self.epoch % ve == 0 or final):
-                    last_val = self.validate()
-                    if last_val is not None:
-                        if is_main:
-                            if log:
-                                wl = "" if window_loss is None else f"{window_loss:.6f}"
-                                log.write(event="val", epoch=self.epoch, step=self.step, loss=wl,
-                                          val_dice=f"{last_val:.6f}",
-                                          seconds=f"{time.time() - t0:.1f}")  # fmt: skip
-                            if tb:
-                                tb.add_scalar("val/dice", last_val, self.step)
-                            if bar is not None:
-                                bar.write(f"epoch {self.epoch}: val Dice {last_val:.4f}")
-                        if self.best_metric is None or last_val > self.best_metric:
-                            self.best_metric, self.best_step = float(last_val), self.step
-                            self.save("best")
+                    last_val = self._validate_and_keep_best(log, tb, bar, t0, window_loss)
                 self.save("last")
             if stopped:
                 self.save("last")

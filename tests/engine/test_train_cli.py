@@ -98,6 +98,7 @@ def test_print_config_applies_overrides(tmp_path: Path, folder_dataset: Path, ca
         (["--set", "model.backbone=vit_q"], "unknown model 'vit_q'"),
         (["--set", "data.classes=[tumour]"], "unknown class 'tumour'"),
         (["--set", "data.layout=nnunet"], "has the 'folder' layout"),
+        (["--set", "data.image_size=128"], "data.image_size=128 does not fit vit_tiny"),
         (["--set", "method=lora"], "needs a mapping"),
         (["--resume", "/nonexistent/run"], "no such file or folder"),
         (["--stop-after-steps", "0"], "--stop-after-steps must be >= 1"),

@@ -818,6 +818,13 @@ class ModelInputTransform:
 
         self.size = int(size or model.img_size)
         stretch = getattr(model, "resize_mode", "longest_side") == "stretch"
+        if self.size > model.img_size or (stretch and self.size != model.img_size):
+            raise ConfigError(
+                f"data.image_size={self.size} does not fit {getattr(model, 'name', 'the model')} "
+                f"(input {model.img_size}"
+                + (", stretched: must be equal)" if stretch else "; must not be larger)")
+                + "; change model.options.img_size instead"
+            )
         self.resize = (ResizeStretch if stretch else ResizeLongestSide)(self.size)
         self.fill = np.asarray(model.pixel_mean.detach().cpu().flatten().tolist(), np.float32)
 

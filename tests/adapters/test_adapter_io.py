@@ -53,7 +53,7 @@ def test_round_trip_on_fresh_backbone(cfg, tiny, randomize, tmp_path):
     st = save_adapter(model, tmp_path / "run" / "best")
     assert st.name == "best.safetensors" and (tmp_path / "run" / "best.json").is_file()
     assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["best.json", "best.safetensors"]
-    meta = json.loads((tmp_path / "run" / "best.json").read_text())
+    meta = json.loads((tmp_path / "run" / "best.json").read_text(encoding="utf-8"))
     assert meta["backbone"] == "vit_tiny" and meta["method"]["method"] == cfg.method
     # only the method's tensors are stored, not the frozen backbone
     keys = set(load_file(str(st)))
@@ -80,7 +80,7 @@ def test_mismatches_raise_checkpoint_errors(tiny, tmp_path):
     model = apply_method(tiny(0), MedSAConfig(rank=4))
     save_adapter(model, tmp_path / "a")
     js = tmp_path / "a.json"
-    meta = json.loads(js.read_text())
+    meta = json.loads(js.read_text(encoding="utf-8"))
 
     with pytest.raises(CheckpointError, match="does not exist"):
         load_adapter(tiny(0), tmp_path / "missing")

@@ -88,7 +88,7 @@ def test_broken_nnunet_dataset_and_json(tmp_path, capsys):
     assert cli_main(["check-data", str(root), "--json", str(out_json)]) == 1
     text = capsys.readouterr().out
     assert "FAILED" in text and "case1.nii.gz" in text and "Traceback" not in text
-    data = json.loads(out_json.read_text())
+    data = json.loads(out_json.read_text(encoding="utf-8"))
     assert data["n_errors"] == r.n_errors and data["layout"] == "nnunet"
     assert {i["severity"] for i in data["issues"]} == {"error", "warning"}
 
@@ -116,7 +116,7 @@ def test_real_datasets_have_no_errors(name):
 
 def test_ignore_label_value_is_allowed(tmp_path):
     root = make_nnunet_dataset(tmp_path / "n", n=1)
-    meta = json.loads((root / "dataset.json").read_text())
+    meta = json.loads((root / "dataset.json").read_text(encoding="utf-8"))
     lab = np.zeros((6, 10, 12), np.uint8)
     lab[1, 1, 1], lab[2, 2, 2] = 1, 3
     write_image(lab, root / "labelsTr" / "case0.nii.gz", like=Image(lab, spacing=(3.0, 1.0, 1.0)))

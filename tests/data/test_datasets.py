@@ -214,7 +214,7 @@ def test_real_layouts():
 
 def test_malformed_dataset_json_and_ignore_label(tmp_path):
     root = make_nnunet_dataset(tmp_path / "D", n=2)
-    meta = json.loads((root / "dataset.json").read_text())
+    meta = json.loads((root / "dataset.json").read_text(encoding="utf-8"))
     (root / "dataset.json").write_text(json.dumps({**meta, "channel_names": {"zero": "CT"}}))
     with pytest.raises(DataError, match="malformed"):
         load_dataset(root)

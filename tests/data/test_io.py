@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import locale
+
 import numpy as np
 import pytest
 
@@ -107,6 +109,7 @@ def test_multichannel_nifti_is_channel_first(tmp_path):
 def test_dicom_series_roundtrip(tmp_path):
     import SimpleITK as sitk
 
+    saved_locale = locale.setlocale(locale.LC_ALL)
     arr = _volume(np.int16)
     vol = sitk.GetImageFromArray(arr)
     vol.SetSpacing((0.9, 0.7, 2.5))
@@ -126,7 +129,11 @@ def test_dicom_series_roundtrip(tmp_path):
         sl.SetMetaData("0008|0060", "CT")
         writer.SetFileName(str(series / f"{z:03d}.dcm"))
         writer.Execute(sl)
+    # GDCM's DICOM writer switches the C locale to "C" (Python's default text encoding then
+    # becomes ASCII for the whole process, which broke later tests): undo it
+    locale.setlocale(locale.LC_ALL, saved_locale)
     img = read_image(series)
+    assert locale.setlocale(locale.LC_ALL) == saved_locale  # reading leaves the locale alone
     assert img.format == "dicom"
     np.testing.assert_array_equal(img.array, arr)
     np.testing.assert_allclose(img.spacing, (2.5, 0.7, 0.9), rtol=1e-5)

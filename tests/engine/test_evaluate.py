@@ -136,7 +136,7 @@ def test_evaluate_tiny_model_3d_writes_all_outputs(tiny_model, tmp_path):
         "noc.png",
         "worst_cases.png",
     }
-    summary = json.loads((tmp_path / "summary.json").read_text())
+    summary = json.loads((tmp_path / "summary.json").read_text(encoding="utf-8"))
     assert summary["n_cases"] == 2 and set(summary["summary"]) == {"1pt", "bbox0.75"}
     assert not tiny_model.training
 
@@ -179,12 +179,12 @@ def test_evaluate_cli_end_to_end_2d(tmp_path, capsys):
         ]
     )
     assert rc == 0, capsys.readouterr().err
-    with (out / "metrics.csv").open() as f:
+    with (out / "metrics.csv").open(encoding="utf-8") as f:
         rows = list(csv.DictReader(f))
     n_classes = len({r["class"] for r in rows})
     assert len(rows) == 3 * n_classes * 3 * 2
     assert {r["protocol"] for r in rows} == {"1pt", "3pt", "bbox0.5"}
-    md = (out / "results.md").read_text()
+    md = (out / "results.md").read_text(encoding="utf-8")
     header = next(ln for ln in md.splitlines() if ln.startswith("| Model"))
     assert header.split("|")[-3].strip() == "Avg" and "HD95" in header.split("|")[-2]
     assert sum(ln.startswith("| vit_tiny ") for ln in md.splitlines()) == 3
@@ -306,9 +306,9 @@ def test_evaluate_cli_split_subset_and_adapter(tmp_path, capsys):
         ]
     )
     assert rc == 0, capsys.readouterr().err
-    with (out / "metrics.csv").open() as f:
+    with (out / "metrics.csv").open(encoding="utf-8") as f:
         assert sorted(r["case_id"] for r in csv.DictReader(f)) == ["img0", "img1"]
-    assert "vit_tiny + medsa" in (out / "results.md").read_text()
+    assert "vit_tiny + medsa" in (out / "results.md").read_text(encoding="utf-8")
     rc = cli_main(
         [
             "evaluate",

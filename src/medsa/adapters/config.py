@@ -294,7 +294,7 @@ def method_from_yaml(path: str | Path) -> MethodConfig:
 
     p = Path(path)
     try:
-        data = yaml.safe_load(p.read_text())
+        data = yaml.safe_load(p.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise ConfigError(f"method config {p} does not exist") from None
     except yaml.YAMLError as e:

@@ -107,7 +107,7 @@ def read_adapter_meta(path: str | Path) -> dict[str, Any]:
     if not json_path.is_file():
         raise CheckpointError(f"adapter description {json_path} does not exist")
     try:
-        meta = json.loads(json_path.read_text())
+        meta = json.loads(json_path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
         raise CheckpointError(f"adapter description {json_path} is unreadable: {e}") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:

@@ -373,7 +373,7 @@ def _group_channels(files: Iterable[Path], issues: list[Issue]) -> dict[str, lis
 
 def _load_nnunet(root: Path) -> DatasetInfo:
     try:
-        meta = json.loads((root / "dataset.json").read_text())
+        meta = json.loads((root / "dataset.json").read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
         raise DataError(f"{root / 'dataset.json'}: unreadable ({e})") from None
     if not isinstance(meta, dict) or "labels" not in meta:
@@ -934,7 +934,7 @@ def load_splits(
     """
     p = Path(path)
     try:
-        data = json.loads(p.read_text())
+        data = json.loads(p.read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
         raise DataError(f"{p}: cannot read splits ({e})") from None
     folds = [data] if isinstance(data, dict) else data

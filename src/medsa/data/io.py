@@ -21,8 +21,11 @@ the destination, so a failed write never leaves a truncated file or corrupts an 
 
 from __future__ import annotations
 
+import contextlib
+import locale
 import os
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -244,6 +247,23 @@ def _looks_like_dicom(p: Path) -> bool:
 # --------------------------------------------------------------------------- reading
 
 
+@contextlib.contextmanager
+def _keep_locale() -> Iterator[None]:
+    """Restore the process locale after a library call.
+
+    GDCM (inside SimpleITK) switches the C locale to "C" in some code paths (seen with its DICOM
+    writer), which silently turns Python's default text encoding into ASCII for the rest of the
+    process: every later ``open()`` of a UTF-8 file without an explicit encoding then fails. The
+    readers and writers here run under this guard so medsa never leaves the process changed.
+    """
+    saved = locale.setlocale(locale.LC_ALL)
+    try:
+        yield
+    finally:
+        if locale.setlocale(locale.LC_ALL) != saved:
+            locale.setlocale(locale.LC_ALL, saved)
+
+
 def read_image(path: str | os.PathLike[str]) -> Image:
     """Read an image, volume or DICOM series (folder) with its geometry.
 
@@ -274,7 +294,8 @@ def read_image(path: str | os.PathLike[str]) -> Image:
         "dicom": _read_dicom,
     }
     try:
-        img = readers[fmt](p)
+        with _keep_locale():
+            img = readers[fmt](p)
     except DataError as e:
         if str(p) in str(e):
             raise
@@ -560,7 +581,8 @@ def write_image(
     suffix = ".nii.gz" if name.endswith(".nii.gz") else p.suffix
     tmp = p.parent / f".{p.name}.{uuid.uuid4().hex[:8]}.tmp{suffix}"
     try:
-        writer(img, tmp, fmt)
+        with _keep_locale():
+            writer(img, tmp, fmt)
         os.replace(tmp, p)
     except DataError:
         raise

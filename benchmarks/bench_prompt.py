@@ -144,7 +144,10 @@ def main(argv: list[str] | None = None) -> dict:
         per = args.prompts if case == batch_case else 1
         err = "-"
         if a.output is not None and b.output is not None:
-            out_a, out_b = (torch.as_tensor(np.asarray(o)) for o in (a.output, b.output))
+            out_a, out_b = (
+                o.float() if torch.is_tensor(o) else torch.as_tensor(np.asarray(o)).float()
+                for o in (a.output, b.output)
+            )
             err = f"{rel_error(out_a, out_b):.1e}"
         rows.append(
             [

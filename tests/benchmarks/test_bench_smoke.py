@@ -70,6 +70,15 @@ def test_bench_prompt_and_run_all_report(tmp_path: Path) -> None:
         assert case in text
 
 
+def test_bench_prompt_bf16() -> None:
+    import bench_prompt
+
+    out = bench_prompt.main([*TINY, "--image-size", "48", "--prompts", "3", "--dtype", "bf16"])
+    names = {r["name"] for r in out["rows"]}
+    assert "medsa | 3 boxes batched" in names and "segment-anything | 3 boxes batched" in names
+    assert out["cache"] == {"hits": 1, "misses": 1}  # the seen-image row hit medsa's cache
+
+
 def test_run_all_help_imports_every_script() -> None:
     import subprocess
 

@@ -9,6 +9,8 @@ import pytest
 import torch
 
 from medsa.engine.perf import autocast_context, set_attention_impl, set_grad_checkpointing
+from medsa.errors import ConfigError
+from medsa.sam.build import build_sam
 from medsa.sam.fast_attention import (
     ATTENTION_IMPLS,
     attention_explicit,
@@ -87,10 +89,12 @@ def test_folded_gradients_match_explicit() -> None:
 
 def test_unknown_impl_is_rejected() -> None:
     q = torch.zeros(1, 1, 4, 8)
-    with pytest.raises(ValueError, match="attention_impl"):
+    with pytest.raises(ConfigError, match="attention_impl"):
         rel_pos_attention(q, q, q, 1.0, impl="flash9000")
-    with pytest.raises(ValueError, match="attention_impl"):
+    with pytest.raises(ConfigError, match="attention_impl"):
         Attention(16, num_heads=2, attention_impl="nope")
+    with pytest.raises(ConfigError, match="attention_impl"):
+        build_sam("vit_tiny", attention_impl="flash")
 
 
 def _tiny_pair(seed: int = 0) -> tuple[ImageEncoderViT, torch.nn.Module]:

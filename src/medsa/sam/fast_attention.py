@@ -36,6 +36,8 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
+from ..errors import ConfigError
+
 AttentionImpl = Literal["explicit", "sdpa_bias", "sdpa_folded"]
 ATTENTION_IMPLS: tuple[str, ...] = ("explicit", "sdpa_bias", "sdpa_folded")
 
@@ -249,15 +251,18 @@ def rel_pos_attention(
     try:
         fn = _IMPLS[impl]
     except KeyError:
-        raise ValueError(f"attention_impl must be one of {ATTENTION_IMPLS}, got {impl!r}") from None
+        raise ConfigError(
+            f"attention_impl must be one of {ATTENTION_IMPLS}, got {impl!r}"
+        ) from None
     return fn(q, k, v, scale, rel_pos_h, rel_pos_w, q_size, k_size)
 
 
 def default_attention_impl(device: torch.device | str | None = None) -> str:
     """The implementation to use by default on ``device``.
 
-    ``"sdpa_folded"`` is exact (fp32 error ~1e-6, tested) and was fastest on every platform
-    measured (see docs/performance.md), so it is the default everywhere; the argument exists so
+    ``"sdpa_folded"`` is exact (fp32 error ~1e-6, tested), was the fastest variant in every CPU
+    measurement (inference and training, fp32 and bf16; docs/performance.md) and is the only one
+    that can use the flash kernel on CUDA, so it is the default everywhere; the argument exists so
     that a platform where this changes can be special-cased in one place.
     """
     return "sdpa_folded"

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import ConfigError
 from .common import LayerNorm2d, MLPBlock
 from .fast_attention import ATTENTION_IMPLS, default_attention_impl, rel_pos_attention
 
@@ -210,7 +211,7 @@ class Attention(nn.Module):
     ) -> None:
         super().__init__()
         if attention_impl not in ATTENTION_IMPLS:
-            raise ValueError(
+            raise ConfigError(
                 f"attention_impl must be one of {ATTENTION_IMPLS}, got {attention_impl!r}"
             )
         # Plain attribute so it can be switched on a built model (medsa.engine.perf.set_attention_impl).

@@ -47,7 +47,9 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(cfg.train.out_dir)
     t0 = time.time()
     if not args.skip_train:
-        cmd = ["train", "--config", args.config] + [a for o in args.overrides for a in ("--set", o)]
+        cmd = ["train", "--config", args.config, "--overwrite"] + [
+            a for o in args.overrides for a in ("--set", o)
+        ]
         rc = medsa_main(cmd)
         if rc:
             return rc

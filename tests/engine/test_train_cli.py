@@ -74,6 +74,13 @@ def test_train_cli_writes_run_and_resumes(tmp_path: Path, folder_dataset: Path, 
     assert steps == [1, 2, 3, 4]  # one log, appended across the interruption
     out = capsys.readouterr().out
     assert "trained 4 steps" in out
+    # a finished run is not silently overwritten by a new one
+    assert cli(["train", "-c", str(cfg)]) == 1
+    assert "already holds a training run; continue it with --resume" in capsys.readouterr().err
+    assert torch.load(run / "checkpoints" / "last.pt", weights_only=True)["step"] == 4
+    assert cli(["train", "-c", str(cfg), "--overwrite", "--stop-after-steps", "1"]) == 0
+    assert torch.load(run / "checkpoints" / "last.pt", weights_only=True)["step"] == 1
+    assert len((run / "log.csv").read_text().splitlines()) == 2  # header + step 1
 
 
 def test_print_config_applies_overrides(tmp_path: Path, folder_dataset: Path, capsys) -> None:

@@ -966,6 +966,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--print-config", action="store_true", help="print the resolved config and exit"
     )
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start a new run even if train.out_dir already holds one (its checkpoints and log "
+        "are replaced); without it such a run must be continued with --resume",
+    )
 
 
 def _resolve_config(args: argparse.Namespace) -> tuple[TrainConfig, dict[str, Any] | None]:
@@ -1003,6 +1009,14 @@ def main(args: argparse.Namespace) -> int:
         return 0
     if args.stop_after_steps is not None and args.stop_after_steps < 1:
         raise ConfigError("--stop-after-steps must be >= 1")
+    out = Path(cfg.train.out_dir)
+    if state is None and (out / "checkpoints" / "last.pt").exists():
+        if not args.overwrite:
+            raise ConfigError(
+                f"{out} already holds a training run; continue it with --resume {out}, "
+                "choose another train.out_dir, or pass --overwrite to start over"
+            )
+        (out / "log.csv").unlink(missing_ok=True)  # a new run gets a new log
     from .perf import resolve_device
 
     info = init_distributed(resolve_device(cfg.train.device))

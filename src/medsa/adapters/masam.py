@@ -7,25 +7,11 @@ import copy
 import torch
 from torch import nn
 
+from medsa.sam.common import LayerNorm2d
+
 from .modules import AdapterModule
 
 __all__ = ["MASAMDecoder"]
-
-
-class _LayerNorm2d(nn.Module):
-    """LayerNorm over channels of ``(B, C, H, W)`` (same maths as SAM's ``LayerNorm2d``)."""
-
-    def __init__(self, channels: int, eps: float = 1e-6) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(channels))
-        self.bias = nn.Parameter(torch.zeros(channels))
-        self.eps = eps
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        u = x.mean(1, keepdim=True)
-        s = (x - u).pow(2).mean(1, keepdim=True)
-        x = (x - u) / torch.sqrt(s + self.eps)
-        return self.weight[:, None, None] * x + self.bias[:, None, None]
 
 
 class MASAMDecoder(AdapterModule):
@@ -65,7 +51,7 @@ class MASAMDecoder(AdapterModule):
         mc = c // 8
         self.extra_upscaling = nn.Sequential(
             nn.ConvTranspose2d(mc, mc, kernel_size=2, stride=2),
-            _LayerNorm2d(mc),
+            LayerNorm2d(mc),
             nn.GELU(),
             nn.ConvTranspose2d(mc, mc, kernel_size=2, stride=2),
             nn.GELU(),

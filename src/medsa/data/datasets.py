@@ -41,7 +41,7 @@ from typing import Any
 
 import numpy as np
 
-from medsa.data.io import Image, read_image
+from medsa.data.io import IMAGE_SUFFIXES, Image, read_image
 from medsa.errors import ConfigError, DataError
 
 __all__ = [
@@ -58,19 +58,8 @@ __all__ = [
     "load_splits",
 ]
 
-IMAGE_EXTS = (
-    ".png",
-    ".jpg",
-    ".jpeg",
-    ".bmp",
-    ".tif",
-    ".tiff",
-    ".nii.gz",
-    ".nii",
-    ".mha",
-    ".nrrd",
-    ".dcm",
-)
+#: file endings of images / volumes in dataset folders (longest first, so .nii.gz wins over .gz)
+IMAGE_EXTS: tuple[str, ...] = tuple(sorted(IMAGE_SUFFIXES, key=len, reverse=True))
 _VOLUME_EXTS = (".nii.gz", ".nii", ".mha", ".nrrd")
 _MASK_SUFFIXES = ("", "_mask", "_segmentation", "_seg", "_label")
 _CHANNEL_RE = re.compile(r"^(?P<case>.+)_(?P<ch>\d{4})$")

@@ -39,6 +39,9 @@ __all__ = [
     "read_image",
     "write_image",
     "image_format",
+    "image_suffix",
+    "looks_like_dicom",
+    "IMAGE_SUFFIXES",
     "READ_FORMATS",
     "WRITE_FORMATS",
 ]
@@ -61,6 +64,8 @@ _EXT_FORMAT: dict[str, str] = {
     ".dicom": "dicom",
     ".ima": "dicom",
 }
+#: every file name ending :func:`read_image` recognises (lower case; ``.nii.gz`` as one suffix)
+IMAGE_SUFFIXES: tuple[str, ...] = tuple(_EXT_FORMAT)
 READ_FORMATS = ("png", "jpeg", "bmp", "tiff", "nifti", "mha", "nrrd", "dicom")
 #: DICOM is read-only: predictions on DICOM inputs are written as NIfTI/MHA with the same geometry.
 WRITE_FORMATS = ("png", "jpeg", "bmp", "tiff", "nifti", "mha", "nrrd")
@@ -226,7 +231,7 @@ def image_format(path: str | os.PathLike[str]) -> str:
     ext = p.suffix.lower()
     if ext in _EXT_FORMAT:
         return _EXT_FORMAT[ext]
-    if p.is_file() and _looks_like_dicom(p):
+    if p.is_file() and looks_like_dicom(p):
         return "dicom"
     raise DataError(
         f"{p}: unknown image format {ext or '(no extension)'!r}; supported: "
@@ -235,7 +240,17 @@ def image_format(path: str | os.PathLike[str]) -> str:
     )
 
 
-def _looks_like_dicom(p: Path) -> bool:
+def image_suffix(name: str) -> str | None:
+    """The recognised image suffix of a file name (lower case, ``.nii.gz`` as one), or None."""
+    low = name.lower()
+    if low.endswith(".nii.gz"):
+        return ".nii.gz"
+    suffix = Path(low).suffix
+    return suffix if suffix in _EXT_FORMAT else None
+
+
+def looks_like_dicom(p: Path) -> bool:
+    """True if ``p`` is a file with the DICOM preamble magic (``DICM`` at byte 128)."""
     try:
         with open(p, "rb") as f:
             f.seek(128)

@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from medsa.data.io import image_format, image_suffix, looks_like_dicom
 from medsa.engine.inference import (
     Prompt,
     model_input,
@@ -40,21 +41,6 @@ HELP = "segment images, volumes and folders with point / box prompts, keeping th
 
 __all__ = ["HELP", "add_arguments", "main", "collect_inputs", "parse_prompt_entry", "PredictJob"]
 
-#: suffixes recognised when searching folders (``.nii.gz`` handled separately)
-IMAGE_SUFFIXES = {
-    ".png",
-    ".jpg",
-    ".jpeg",
-    ".bmp",
-    ".tif",
-    ".tiff",
-    ".nii",
-    ".mha",
-    ".mhd",
-    ".nrrd",
-    ".nhdr",
-}
-DICOM_SUFFIXES = {".dcm", ".dicom", ".ima"}
 #: input format -> output extension
 OUT_EXT = {
     "png": ".png",
@@ -88,21 +74,15 @@ def _stem(p: Path) -> str:
 
 
 def _is_image_file(p: Path) -> bool:
-    n = p.name.lower()
-    return n.endswith(".nii.gz") or p.suffix.lower() in IMAGE_SUFFIXES
+    """A single-file image or volume (DICOM slices are grouped into series separately)."""
+    suffix = image_suffix(p.name)
+    return suffix is not None and image_format(p) != "dicom"
 
 
 def _is_dicom_file(p: Path) -> bool:
-    if p.suffix.lower() in DICOM_SUFFIXES:
-        return True
-    if p.suffix:  # only extension-less files are sniffed
-        return False
-    try:
-        with open(p, "rb") as f:
-            f.seek(128)
-            return f.read(4) == b"DICM"
-    except OSError:
-        return False
+    if image_suffix(p.name) is not None:
+        return image_format(p) == "dicom"
+    return not p.suffix and looks_like_dicom(p)  # only extension-less files are sniffed
 
 
 def collect_inputs(

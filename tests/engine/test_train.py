@@ -346,3 +346,41 @@ def test_trainer_errors(tmp_path: Path) -> None:
         make_trainer(make_cfg(tmp_path, prompts={"protocols": {"bbox9": 1.0}}), Rectangles(2))
     with pytest.raises(ConfigError, match="dice_ce needs MA-SAM"):
         make_trainer(make_cfg(tmp_path, loss={"name": "dice_ce"}), Rectangles(2))
+
+
+def test_mask_input_feeds_previous_logits(tmp_path: Path) -> None:
+    cfg = make_cfg(
+        tmp_path,
+        prompts={"protocols": {"bbox0.75": 1.0}, "clicks": 2, "mask_input": True},
+        train={"max_steps": 4},
+    )
+    tr = make_trainer(cfg, Rectangles(4))
+    calls = []
+    pe = tr.model.prompt_encoder
+    hook = pe.register_forward_hook(
+        lambda m, args, kwargs, out: calls.append(
+            (
+                kwargs.get("masks") is not None,
+                kwargs["points"][0].shape[1] if kwargs.get("points") else 0,
+            )
+        ),
+        with_kwargs=True,
+    )
+    tr.fit()
+    hook.remove()
+    # per step: k simulated passes (+1 click each), then the trained pass fed the last logits
+    assert any(has_mask for has_mask, _ in calls)
+    for has_mask, n_points in calls:
+        assert has_mask == (n_points > 0)  # a mask prompt exactly when clicks were simulated
+    assert max(n for _, n in calls) <= 2
+
+
+def test_bf16_autocast_on_cpu(tmp_path: Path) -> None:
+    cfg = make_cfg(tmp_path, train={"max_steps": 1, "precision": "bf16"})
+    tr = make_trainer(cfg, Rectangles(2))
+    assert tr.dtype is torch.bfloat16
+    tr.fit()
+    assert math.isfinite(tr.history[0]["loss"])
+    assert all(p.dtype == torch.float32 for p in tr.model.parameters())  # master weights stay fp32
+    with pytest.raises(ConfigError, match="fp16 needs CUDA"):
+        make_trainer(make_cfg(tmp_path, train={"precision": "fp16"}), Rectangles(2))

@@ -425,6 +425,7 @@ class Trainer:
             batch_size=bs,
             sampler=indices,
             num_workers=self.cfg.train.num_workers,
+            collate_fn=_collate,
             pin_memory=self.device.type == "cuda",
             persistent_workers=False,
         )
@@ -782,6 +783,14 @@ class Trainer:
 
             (self.out_dir / "train_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         return summary
+
+
+def _collate(items: list[dict[str, Any]]) -> dict[str, Any]:
+    """Stack only what training uses (other fields, e.g. ids or None sizes, need not collate)."""
+    from torch.utils.data import default_collate
+
+    keys = [k for k in ("image", "target", "label") if k in items[0]]
+    return {k: default_collate([it[k] for it in items]) for k in keys}
 
 
 def _dice(pred: np.ndarray, gt: np.ndarray) -> float:

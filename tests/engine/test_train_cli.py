@@ -74,6 +74,11 @@ def test_train_cli_writes_run_and_resumes(tmp_path: Path, folder_dataset: Path, 
     assert steps == [1, 2, 3, 4]  # one log, appended across the interruption
     out = capsys.readouterr().out
     assert "trained 4 steps" in out
+    # the interrupted + resumed run ends with the same weights as an uninterrupted one
+    assert cli(["train", "-c", str(cfg), "--out-dir", str(tmp_path / "straight")]) == 0
+    a = torch.load(run / "checkpoints" / "last.pt", weights_only=True)["model"]
+    b = torch.load(tmp_path / "straight" / "checkpoints" / "last.pt", weights_only=True)["model"]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     # a finished run is not silently overwritten by a new one
     assert cli(["train", "-c", str(cfg)]) == 1
     assert "already holds a training run; continue it with --resume" in capsys.readouterr().err

@@ -384,3 +384,16 @@ def test_bf16_autocast_on_cpu(tmp_path: Path) -> None:
     assert all(p.dtype == torch.float32 for p in tr.model.parameters())  # master weights stay fp32
     with pytest.raises(ConfigError, match="fp16 needs CUDA"):
         make_trainer(make_cfg(tmp_path, train={"precision": "fp16"}), Rectangles(2))
+
+
+def test_resume_can_extend_a_finished_run(tmp_path: Path) -> None:
+    data = Rectangles(4)  # 2 steps per epoch
+    first = make_trainer(make_cfg(tmp_path, train={"max_steps": 2}), data)
+    first.fit()
+    state = load_train_state(tmp_path / "checkpoints" / "last.pt")
+    longer = make_trainer(make_cfg(tmp_path, train={"max_steps": 5}), data)
+    longer.load_state(state)
+    longer.fit()
+    assert longer.step == 5 and [h["step"] for h in longer.history] == [3, 4, 5]
+    sched = WarmupCosine(5, 1)  # the new, longer schedule (lr 3e-3, warm-up 1)
+    assert [h["lr"] for h in longer.history] == pytest.approx([3e-3 * sched(i) for i in (3, 4, 5)])

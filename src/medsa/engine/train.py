@@ -577,8 +577,12 @@ class Trainer:
             raise CheckpointError(
                 f"optimizer/scheduler state does not match this run: {e}"
             ) from None
-        # the schedule length may have changed (e.g. --set train.epochs=...): keep the new one
-        self.scheduler.lr_lambdas[0].total_steps = self.total_steps
+        # the schedule shape follows the current config (e.g. --set train.epochs=... stretches
+        # the cosine); base LRs and AdamW moments come from the checkpoint
+        opt = self.cfg.optim
+        self.scheduler.lr_lambdas[0] = WarmupCosine(
+            self.total_steps, opt.warmup_steps, opt.min_lr_ratio, opt.schedule
+        )
         if state.get("rng") is not None:
             restore_rng_state(state["rng"])
         self.epoch = int(state["epoch"])

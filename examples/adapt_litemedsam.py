@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
         rc = medsa_main(cmd)
         if rc:
             return rc
-    train_s = time.time() - t0
+    train_s = None if args.skip_train else time.time() - t0
     split = json.loads((out / "splits.json").read_text())
     test = split["test"][: args.test_cases] if args.test_cases else split["test"]
     protocols = args.protocols.split(",")

@@ -21,6 +21,7 @@ loop position, optimizer and schedule are restored.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import math
 import sys
@@ -711,7 +712,7 @@ class Trainer:
                             _seed_for(cfg.train.seed, 4, self.epoch, b + j, self.dist.rank)
                         )
                         sync = j == group - 1 or not self.dist.distributed
-                        ctx = self.step_module.no_sync() if not sync else _nullcontext()
+                        ctx = self.step_module.no_sync() if not sync else contextlib.nullcontext()
                         with ctx:
                             loss = self._forward_loss(batch, rng)
                             if not torch.isfinite(loss):
@@ -801,14 +802,6 @@ def _dice(pred: np.ndarray, gt: np.ndarray) -> float:
     p, g = np.asarray(pred, bool), np.asarray(gt, bool)
     s = p.sum() + g.sum()
     return 1.0 if s == 0 else float(2 * (p & g).sum() / s)
-
-
-class _nullcontext:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None
 
 
 # ---------------------------------------------------------------------------------------------

@@ -44,12 +44,16 @@ HELP = "adapt SAM on a dataset (Med-SA, MA-SAM, LoRA, full fine-tuning)"
 
 __all__ = [
     "HELP",
+    "ModelInputTransform",
     "PromptBatch",
+    "SegmentationStep",
     "Trainer",
     "WarmupCosine",
     "add_arguments",
+    "build_datasets",
     "build_model",
     "main",
+    "make_split",
     "sample_prompts",
 ]
 

@@ -126,7 +126,7 @@ class LossSection:
     lambda_dice: float = 1.0
     lambda_ce: float = 1.0
     batch_dice: bool = False
-    #: weight of SAM's IoU-prediction MSE (predicted vs actual IoU of the supervised mask); the
+    #: weight of SAM's IoU-prediction MSE (predicted vs actual IoU of each output mask); the
     #: IoU head ranks the 3 candidates of a single-point prompt at inference
     iou_weight: float = 1.0
 

@@ -481,7 +481,6 @@ class Trainer:
         target = torch.as_tensor(tnp, device=self.device, dtype=torch.float32)[:, None]
         if logits.shape[1] == 1:
             loss = self.loss_fn(logits, target)
-            chosen = logits
         else:
             # SAM: of the candidate masks of an ambiguous prompt only the best one is trained
             per = torch.stack(
@@ -495,20 +494,19 @@ class Trainer:
                     for i in range(logits.shape[0])
                 ]
             )  # (N, M)
-            best = per.argmin(1)
-            loss = per[torch.arange(len(best)), best].mean()
-            chosen = logits[torch.arange(len(best)), best][:, None]
-            iou_pred = iou_pred[torch.arange(len(best)), best][:, None]
+            loss = per.min(1).values.mean()
         w = self.cfg.loss.iou_weight
         if w > 0 and iou_pred is not None:
-            with torch.no_grad():  # SAM's IoU head target: IoU of the (binarised) chosen mask
-                p = chosen > 0
-                inter = (p & (target > 0.5)).flatten(1).sum(1).float()
-                union = (p | (target > 0.5)).flatten(1).sum(1).float()
+            # SAM's IoU head: MSE towards the actual IoU of *every* output mask, so that at
+            # inference the top-scored of the 3 candidates is the best one
+            with torch.no_grad():
+                p, t = logits > 0, target > 0.5  # (N, M, S, S), (N, 1, S, S)
+                inter = (p & t).flatten(2).sum(2).float()
+                union = (p | t).flatten(2).sum(2).float()
                 iou_true = torch.where(
                     union > 0, inter / union.clamp_min(1), torch.ones_like(union)
-                )
-            loss = loss + w * F.mse_loss(iou_pred.float()[:, 0], iou_true)
+                )  # (N, M)
+            loss = loss + w * F.mse_loss(iou_pred.float(), iou_true)
         return loss
 
     # -- checkpoints --------------------------------------------------------------------------

@@ -262,6 +262,18 @@ def emit(
         args.json.write_text(json.dumps({"title": title, "env": env, **payload}, indent=2))
 
 
+def run_cli(main: Callable[[list[str]], object]) -> None:
+    """``main(sys.argv[1:])``, printing user errors (bad device / dtype / backbone) without a traceback."""
+    import sys
+
+    from medsa.errors import MedsaError
+
+    try:
+        main(sys.argv[1:])
+    except MedsaError as e:
+        sys.exit(f"error: {e}")
+
+
 def rel_error(out: torch.Tensor, ref: torch.Tensor) -> float:
     """``||out - ref|| / ||ref||`` in fp32."""
     out, ref = out.float(), ref.float()

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import sys
 
 import torch
 from _common import (
@@ -28,6 +27,7 @@ from _common import (
     markdown_table,
     rel_error,
     round_robin,
+    run_cli,
     setup,
     vit_config,
 )
@@ -151,4 +151,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    run_cli(main)

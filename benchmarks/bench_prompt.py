@@ -15,7 +15,6 @@ Example::
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 
 import numpy as np
@@ -30,6 +29,7 @@ from _common import (
     randomize_,
     rel_error,
     round_robin,
+    run_cli,
     setup,
 )
 from reference_medsa import reference_sam
@@ -176,4 +176,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    run_cli(main)

@@ -21,7 +21,6 @@ Example::
 from __future__ import annotations
 
 import argparse
-import sys
 
 import torch
 import torch.nn.functional as F
@@ -34,6 +33,7 @@ from _common import (
     markdown_table,
     randomize_,
     round_robin,
+    run_cli,
     setup,
 )
 from reference_medsa import add_reference_adapters, reference_forward, reference_sam
@@ -198,4 +198,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    run_cli(main)

@@ -22,6 +22,7 @@ from pathlib import Path
 import bench_encoder
 import bench_prompt
 import bench_train_step
+from _common import run_cli
 
 
 def plan(args: argparse.Namespace) -> list[tuple[str, object, list[str]]]:
@@ -124,4 +125,4 @@ def main(argv: list[str] | None = None) -> Path:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    run_cli(main)

@@ -184,10 +184,9 @@ def folded_qk(
         pieces_q.append(q.new_zeros(b, nh, n, d_pad - d))
     q_aug = torch.cat(pieces_q, dim=-1)
     # One-hot row/column indicators of every key token m = i * k_w + j, padded: (M, D' - C).
-    idx = torch.arange(m, device=k.device)
-    onehot = k.new_zeros(m, d_pad - c)
-    onehot[idx, idx // k_w] = 1
-    onehot[idx, k_h + idx % k_w] = 1
+    idx = torch.arange(m, device=k.device)[:, None]
+    cols = torch.arange(d_pad - c, device=k.device)
+    onehot = ((cols == idx // k_w) | (cols == k_h + idx % k_w)).to(k.dtype)
     k_aug = torch.cat([k, onehot.expand(b, nh, m, d_pad - c)], dim=-1)
     return q_aug, k_aug
 

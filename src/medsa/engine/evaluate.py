@@ -574,7 +574,9 @@ def _case_ids_from_split(path: Path, fold: int | None, ds: Any, subset: str = "v
     if fold is not None:
         raise ConfigError("--fold needs a JSON splits file")
     ids = [
-        ln.strip() for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip() and not ln.startswith("#")
+        ln.strip()
+        for ln in path.read_text(encoding="utf-8").splitlines()
+        if ln.strip() and not ln.startswith("#")
     ]
     unknown = [i for i in ids if i not in set(ds.case_ids)]
     if unknown:

@@ -183,7 +183,7 @@ def test_prompt_validate_checks_xy_bounds():
     assert ok.validate((40, 60)) is ok  # x up to W-1 = 59 is inside a 40x60 (HxW) image
     with pytest.raises(PromptError, match="outside"):
         Prompt(np.array([[5.0, 59.0]]), np.array([1])).validate((40, 60))  # y too large: swapped
-    with pytest.raises(PromptError, match="box corner"):
+    with pytest.raises(PromptError, match=r"box \(0, 0, 70, 10\) lies outside"):
         Prompt(np.zeros((0, 2)), np.zeros(0), box=[0, 0, 70, 10]).validate((40, 60))
     with pytest.raises(PromptError, match="empty prompt"):
         Prompt(np.zeros((0, 2)), np.zeros(0)).validate((40, 60))
@@ -191,3 +191,68 @@ def test_prompt_validate_checks_xy_bounds():
         Prompt(np.array([[1.0, 1.0]]), np.array([2])).validate((40, 60))
     with pytest.raises(PromptError, match="finite"):
         Prompt(np.array([[np.nan, 1.0]]), np.array([1])).validate((40, 60))
+
+
+def test_prompt_defaults_no_points_as_empty_arrays():
+    p = Prompt(box=[1, 2, 3, 4])  # points/labels optional; "no points" is (0, 2) / (0,), not None
+    assert p.points.shape == (0, 2) and p.points.dtype == np.float32
+    assert p.labels.shape == (0,) and p.labels.dtype == np.int64
+    q = Prompt(points=[[3, 4], [5, 6]])  # labels default to positive
+    assert q.labels.tolist() == [1, 1] and q.box is None
+    with pytest.raises(PromptError, match="without points"):
+        Prompt(labels=[1])
+    with pytest.raises(PromptError, match="4 numbers"):
+        Prompt(box=[1, 2, 3])
+    with pytest.raises(PromptError, match="x0 <= x1"):  # an inverted box cannot be built
+        Prompt(box=[5, 5, 1, 1])
+
+
+def test_prompt_empty_and_ambiguous():
+    assert Prompt().empty and Prompt(np.zeros((0, 2)), np.zeros(0)).empty
+    assert not Prompt(mask_input=np.zeros((1, 8, 8), np.float32)).empty  # mask-only is a prompt
+    assert not Prompt(box=[0, 0, 1, 1]).empty
+    assert Prompt(points=[[1, 1]]).ambiguous  # one point, no box: SAM's 3 candidates
+    assert not Prompt(points=[[1, 1]], box=[0, 0, 2, 2]).ambiguous
+    assert not Prompt(points=[[1, 1], [2, 2]]).ambiguous
+    assert not Prompt(box=[0, 0, 2, 2]).ambiguous
+
+
+def test_prompt_validate_uses_sam_pixel_edge_bounds():
+    # SamPredictor's rule: 0 <= x <= W, 0 <= y <= H, for points and box corners
+    Prompt(points=[[60, 40]]).validate((40, 60))
+    Prompt(box=[0, 0, 60, 40]).validate((40, 60))
+    with pytest.raises(PromptError, match=r"point \(60.5, 1\) lies outside the 60x40"):
+        Prompt(points=[[60.5, 1]]).validate((40, 60))
+    with pytest.raises(PromptError, match="box coordinates must be finite"):
+        Prompt(box=[0, 0, np.inf, 3]).validate((40, 60))
+    assert Prompt(mask_input=np.zeros((1, 8, 8))).validate((40, 60)).mask_input is not None
+
+
+def test_prompt_json_round_trip_and_errors():
+    p = Prompt(points=[[1.5, 2], [3, 4]], labels=[1, 0], box=[0, 1, 5, 6])
+    obj = p.to_json()
+    assert obj == {"points": [[1.5, 2.0, 1], [3.0, 4.0, 0]], "box": [0.0, 1.0, 5.0, 6.0]}
+    q = Prompt.from_json(obj)
+    np.testing.assert_array_equal(q.points, p.points)
+    np.testing.assert_array_equal(q.labels, p.labels)
+    np.testing.assert_array_equal(q.box, p.box)
+    assert Prompt(box=[1, 2, 3, 4]).to_json() == {"box": [1.0, 2.0, 3.0, 4.0]}  # no "points": []
+    assert Prompt.from_json({"points": [[7, 8]]}).labels.tolist() == [1]
+    for bad, msg in [
+        ([1, 2], "must be an object"),
+        ({"bx": [1, 2, 3, 4]}, "unknown prompt keys"),
+        ({"points": [["a", 1]]}, "points must be"),
+        ({"points": [[1, 2, 1, 0]]}, r"\[x, y\] or \[x, y, label\]"),
+        ({"points": [[1, 2, 0.5]]}, "labels must be 1 or 0"),
+        ({"box": [1, "b", 3, 4]}, "box must be"),
+    ]:
+        with pytest.raises(PromptError, match=msg):
+            Prompt.from_json(bad)
+
+
+def test_with_click_carries_mask_input():
+    logits = np.ones((1, 8, 8), np.float32)
+    p = Prompt(box=[0, 0, 5, 5]).with_click([2, 3], 1, logits)
+    assert p.points.tolist() == [[2.0, 3.0]] and p.labels.tolist() == [1]
+    assert p.mask_input is logits and p.box.tolist() == [0, 0, 5, 5]
+    assert p.with_click([1, 1], 0).mask_input is None  # old logits belong to the old round

@@ -175,13 +175,23 @@ def test_prompt_parsing():
     with pytest.raises(PromptError, match="unknown prompt keys"):
         parse_prompt_entry({"bx": [1, 2, 3, 4]}, False, "f")
     with pytest.raises(PromptError, match="x0 <= x1"):
-        Prompt(box=[5, 5, 1, 1]).validate(10, 10)
-    Prompt(box=[5, 5, 5, 7]).validate(10, 10)  # one pixel wide: a valid tight box
+        Prompt(box=[5, 5, 1, 1]).validate((10, 10))
+    Prompt(box=[5, 5, 5, 7]).validate((10, 10))  # one pixel wide: a valid tight box
     with pytest.raises(PromptError, match="labels must be 1 or 0"):
         Prompt.from_json({"points": [[1, 2, 0.5]]})
     assert parse_slices("2:4", 6) == [2, 3, 4]
     with pytest.raises(PromptError, match="outside"):
         parse_slices("6", 6)
+
+
+def test_engine_prompt_is_the_data_prompt():
+    from medsa.data import prompts as data_prompts
+    from medsa.engine import inference
+
+    assert inference.Prompt is data_prompts.Prompt  # one prompt type, re-exported by the engine
+    assert not hasattr(inference, "from_data_prompt")
+    p = cli_prompt(None, "1,2,3,4")  # box only: points are the empty (0, 2) array
+    assert p.points.shape == (0, 2) and not p.ambiguous and not p.empty
 
 
 def test_collect_inputs_recurses_skips_out_and_disambiguates(tmp_path: Path):
@@ -215,6 +225,12 @@ def test_segment_image_and_volume_with_oracle(oracle):
         segment_volume(oracle, vol, {7: [Prompt(box=[0, 0, 4, 4])]})
     with pytest.raises(DataError):
         segment_volume(oracle, vol[0], {})
+
+
+def test_empty_prompt_gives_empty_mask_like_none(oracle):
+    masks, scores = segment_image(oracle, np.zeros((30, 40), np.uint8), [Prompt(), None])
+    assert masks.shape == (2, 30, 40) and not masks.any() and np.isnan(scores).all()
+    assert oracle.n_set == 0  # nothing to decode: the image encoder is not run
 
 
 def test_batched_decoding_matches_single(tiny_model):

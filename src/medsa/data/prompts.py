@@ -13,8 +13,9 @@ mask; :func:`per_slice_prompts` returns ``None`` for empty slices instead (nothi
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -37,69 +38,163 @@ __all__ = [
 
 @dataclass(frozen=True)
 class Prompt:
-    """A SAM prompt for one object.
+    """A SAM prompt for one object in one 2D image (simulated, parsed from JSON or from the CLI).
+
+    "No points" is always the empty ``(0, 2)`` / ``(0,)`` arrays, never ``None``, so callers can
+    take ``len(prompt.points)`` and concatenate clicks without special cases.
 
     Attributes:
-        points: ``(N, 2)`` float32 ``(x, y)`` pixel coordinates (``N`` may be 0).
-        labels: ``(N,)`` int64, 1 = positive (foreground), 0 = negative (background).
-        box: ``(4,)`` float32 ``(x0, y0, x1, y1)`` or ``None``.
+        points: ``(N, 2)`` float32 ``(x, y)`` = (column, row) pixel coordinates (``N`` may be 0).
+        labels: ``(N,)`` int64, 1 = positive (foreground), 0 = negative (background); defaults to
+            all positive when points are given without labels.
+        box: ``(4,)`` float32 ``(x0, y0, x1, y1)`` with ``x0 <= x1``, ``y0 <= y1``, or ``None``.
+        mask_input: ``(1, h, w)`` low-resolution logits of a previous prediction (iterative
+            clicks), or ``None``.
+
+    Raises:
+        PromptError: points and labels of different lengths, labels without points, or a box
+            that is not 4 numbers with ``x0 <= x1``, ``y0 <= y1``.
     """
 
-    points: np.ndarray
-    labels: np.ndarray
+    points: np.ndarray | None = None
+    labels: np.ndarray | None = None
     box: np.ndarray | None = None
+    mask_input: np.ndarray | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
-        pts = np.asarray(self.points, dtype=np.float32).reshape(-1, 2)
-        lab = np.asarray(self.labels, dtype=np.int64).reshape(-1)
-        if len(pts) != len(lab):
-            raise PromptError(f"{len(pts)} points but {len(lab)} labels")
+        # frozen dataclass: normalise fields through object.__setattr__
+        if self.points is None:
+            if self.labels is not None and len(np.asarray(self.labels).reshape(-1)):
+                raise PromptError("point labels were given without points")
+            pts, lab = np.zeros((0, 2), np.float32), np.zeros(0, np.int64)
+        else:
+            pts = np.asarray(self.points, dtype=np.float32).reshape(-1, 2)
+            if self.labels is None:
+                lab = np.ones(len(pts), dtype=np.int64)
+            else:
+                lab = np.asarray(self.labels, dtype=np.int64).reshape(-1)
+            if len(pts) != len(lab):
+                raise PromptError(f"{len(pts)} points but {len(lab)} labels were given")
         object.__setattr__(self, "points", pts)
         object.__setattr__(self, "labels", lab)
         if self.box is not None:
             box = np.asarray(self.box, dtype=np.float32).reshape(-1)
-            if box.shape != (4,) or box[2] < box[0] or box[3] < box[1]:
+            if box.shape != (4,):
+                raise PromptError(f"a box needs 4 numbers x0,y0,x1,y1, got {box.tolist()}")
+            # x0 == x1 is allowed: the tight box of a one-pixel-wide object (inclusive corners)
+            if box[2] < box[0] or box[3] < box[1]:
+                x0, y0, x1, y1 = (float(v) for v in box)
                 raise PromptError(
-                    f"box must be (x0, y0, x1, y1) with x0 <= x1, y0 <= y1; got {self.box}"
+                    f"box ({x0:g}, {y0:g}, {x1:g}, {y1:g}) needs x0 <= x1 and y0 <= y1"
                 )
             object.__setattr__(self, "box", box)
 
+    @property
+    def empty(self) -> bool:
+        """No points, no box and no mask input: nothing to decode."""
+        return len(self.points) == 0 and self.box is None and self.mask_input is None
+
+    @property
+    def ambiguous(self) -> bool:
+        """A single point and no box: SAM returns 3 candidate masks and we keep the best."""
+        return self.box is None and len(self.points) == 1
+
     def validate(self, image_size: tuple[int, int]) -> Prompt:
-        """Check the prompt lies inside an ``(H, W)`` image; returns ``self``.
+        """Check the prompt against an ``(H, W)`` image; returns ``self``.
+
+        Bounds follow ``SamPredictor``: ``0 <= x <= W``, ``0 <= y <= H`` (pixel edges), for points
+        and box corners alike.
 
         Raises:
-            PromptError: non-finite values, a point or box outside ``[0, W) x [0, H)``, a point
-                label other than 0/1, or a prompt with neither points nor box.
+            PromptError: an empty prompt, non-finite values, a point label other than 0/1, or a
+                point or box outside the image.
         """
-        h, w = image_size
-        if len(self.points) == 0 and self.box is None:
+        height, width = (int(v) for v in image_size)
+        if self.empty:
             raise PromptError("empty prompt: give at least one point or a box")
-        if not np.isfinite(self.points).all() or (
-            self.box is not None and not np.isfinite(self.box).all()
-        ):
-            raise PromptError("prompt coordinates must be finite numbers")
-        if len(self.labels) and not np.isin(self.labels, (0, 1)).all():
-            raise PromptError(
-                f"point labels must be 1 (positive) or 0 (negative), got {np.unique(self.labels)}"
-            )
-        for name, xy in [("point", p) for p in self.points] + (
-            [("box corner", self.box[:2]), ("box corner", self.box[2:])]
-            if self.box is not None
-            else []
-        ):
-            if not (0 <= xy[0] < w and 0 <= xy[1] < h):
+        if len(self.points):
+            p = self.points
+            if not np.isfinite(p).all():
+                raise PromptError("point coordinates must be finite numbers")
+            bad = (p[:, 0] < 0) | (p[:, 0] > width) | (p[:, 1] < 0) | (p[:, 1] > height)
+            if bad.any():
+                x, y = p[bad][0]
                 raise PromptError(
-                    f"{name} (x={xy[0]:g}, y={xy[1]:g}) lies outside the {w}x{h} (WxH) image"
+                    f"point ({x:g}, {y:g}) lies outside the {width}x{height} (W x H) image; "
+                    "points are (x, y) = (column, row)"
+                )
+            if not np.isin(self.labels, (0, 1)).all():
+                raise PromptError(
+                    f"point labels must be 1 (positive) or 0 (negative), got {self.labels.tolist()}"
+                )
+        if self.box is not None:
+            x0, y0, x1, y1 = (float(v) for v in self.box)
+            if not np.isfinite(self.box).all():
+                raise PromptError("box coordinates must be finite numbers")
+            if x0 < 0 or y0 < 0 or x1 > width or y1 > height:
+                raise PromptError(
+                    f"box ({x0:g}, {y0:g}, {x1:g}, {y1:g}) lies outside the {width}x{height} image"
                 )
         return self
 
-    def with_click(self, xy: np.ndarray, label: int) -> Prompt:
-        """A new prompt with one more point appended (iterative refinement)."""
+    def with_click(
+        self, xy: np.ndarray, label: int, mask_input: np.ndarray | None = None
+    ) -> Prompt:
+        """A new prompt with one more point ``xy (2,)`` appended (iterative refinement).
+
+        ``mask_input``: the previous prediction's low-res logits ``(1, h, w)`` to feed back (the
+        old ``mask_input`` is not carried over: it belonged to the previous round).
+        """
         return Prompt(
             np.concatenate([self.points, np.asarray(xy, np.float32).reshape(1, 2)]),
-            np.concatenate([self.labels, [int(label)]]),
+            np.concatenate([self.labels, np.asarray([int(label)], np.int64)]),
             self.box,
+            mask_input,
         )
+
+    def to_json(self) -> dict[str, Any]:
+        """JSON-serialisable form (as read by :meth:`from_json`; ``mask_input`` is not stored)."""
+        out: dict[str, Any] = {}
+        if len(self.points):
+            out["points"] = [
+                [float(x), float(y), int(lab)]
+                for (x, y), lab in zip(self.points, self.labels, strict=True)
+            ]
+        if self.box is not None:
+            out["box"] = [float(v) for v in self.box]
+        return out
+
+    @classmethod
+    def from_json(cls, obj: Mapping[str, Any]) -> Prompt:
+        """Parse ``{"points": [[x, y, label?], ...], "box": [x0, y0, x1, y1]}``."""
+        if not isinstance(obj, Mapping):
+            raise PromptError(f"a prompt must be an object with 'points' and/or 'box', got {obj!r}")
+        unknown = set(obj) - {"points", "box", "slice"}
+        if unknown:
+            raise PromptError(f"unknown prompt keys {sorted(unknown)}; use 'points' and/or 'box'")
+        points = labels = None
+        if obj.get("points"):
+            try:
+                rows = [list(map(float, p)) for p in obj["points"]]
+            except (TypeError, ValueError) as e:
+                raise PromptError(
+                    f"points must be [[x, y, label], ...], got {obj['points']!r}"
+                ) from e
+            if any(len(r) not in (2, 3) for r in rows):
+                raise PromptError(
+                    f"each point must be [x, y] or [x, y, label], got {obj['points']!r}"
+                )
+            if any(len(r) == 3 and r[2] not in (0.0, 1.0) for r in rows):
+                raise PromptError(f"point labels must be 1 or 0, got {obj['points']!r}")
+            points = np.array([r[:2] for r in rows], dtype=np.float32)
+            labels = np.array([int(r[2]) if len(r) == 3 else 1 for r in rows], dtype=np.int64)
+        box = None
+        if obj.get("box") is not None:
+            try:
+                box = np.array([float(v) for v in obj["box"]], dtype=np.float32)
+            except (TypeError, ValueError) as e:
+                raise PromptError(f"box must be [x0, y0, x1, y1], got {obj['box']!r}") from e
+        return cls(points=points, labels=labels, box=box)
 
 
 def _binary(mask: np.ndarray, what: str = "mask") -> np.ndarray:

@@ -31,7 +31,6 @@ from medsa.engine.inference import (
     as_predictor,
     best_overlap_mask,
     decode_prompts,
-    from_data_prompt,
     model_input,
     segment_auto,
     segment_everything,
@@ -346,7 +345,7 @@ def _evaluate_case(
                 everything.append(combo)
             else:
                 try:
-                    prompt = from_data_prompt(protocol_fns[prot](m, rngs[combo]))
+                    prompt = protocol_fns[prot](m, rngs[combo])
                 except PromptError as e:
                     # e.g. no box of the requested IoU fits a tiny object at the border: this
                     # slice gets no prompt (empty prediction); reported, not fatal
@@ -431,7 +430,7 @@ def _click_series(
 
     Targets are independent objects, so click k of all of them is decoded as one batch.
     """
-    prompts = [from_data_prompt(first_fn(t, r)) for t, r in zip(targets, rngs, strict=True)]
+    prompts = [first_fn(t, r) for t, r in zip(targets, rngs, strict=True)]
     out: list[list[np.ndarray]] = [[] for _ in targets]
     active = list(range(len(targets)))
     for i in range(n):

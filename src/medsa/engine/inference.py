@@ -2,9 +2,10 @@
 
 Used by ``medsa evaluate``, ``medsa predict``, the trainer's validation and the web app.
 
-- :class:`Prompt` is one prompt set for one object: points ``(N, 2)`` in ``(x, y)`` pixel
-  coordinates + labels ``(N,)`` (1 positive, 0 negative), and/or a box ``(4,)`` ``(x0, y0, x1, y1)``,
-  and optionally the previous low-resolution mask logits ``(1, h, w)`` (iterative clicks).
+- :class:`Prompt` (defined in :mod:`medsa.data.prompts`, re-exported here) is one prompt set for
+  one object: points ``(N, 2)`` in ``(x, y)`` pixel coordinates + labels ``(N,)`` (1 positive,
+  0 negative; ``N`` may be 0), and/or a box ``(4,)`` ``(x0, y0, x1, y1)``, and optionally the
+  previous low-resolution mask logits ``(1, h, w)`` (iterative clicks).
 - :func:`segment_image` runs the image encoder once and decodes every prompt of the image
   (batched through ``SamPredictor.predict_torch`` when the predictor has it).
 - :func:`segment_volume` works slice by slice, as the Med-SA paper does for 3D ("we prompt each
@@ -22,11 +23,13 @@ percentiles or a CT window -- then ``to_three_channels``), so evaluation matches
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
+# the one prompt type of the project lives in the data layer (engine depends on data, not the
+# reverse); re-exported here so ``from medsa.engine.inference import Prompt`` keeps working
+from medsa.data.prompts import Prompt
 from medsa.errors import DataError, PromptError
 
 __all__ = [
@@ -44,7 +47,6 @@ __all__ = [
     "best_overlap_mask",
     "segment_auto",
     "decode_prompts",
-    "from_data_prompt",
     "iterate_clicks",
     "add_click",
 ]
@@ -53,129 +55,6 @@ __all__ = [
 #: ("box" = the tight bounding box, as in MedSAM / LiteMedSAM evaluations; "auto" = no prompt,
 #: MA-SAM's multi-class head)
 PROTOCOLS: tuple[str, ...] = ("1pt", "3pt", "bbox0.5", "bbox0.75", "box", "everything", "auto")
-
-
-@dataclass
-class Prompt:
-    """One prompt set for one object in one 2D image.
-
-    Attributes:
-        points: ``(N, 2)`` float ``(x, y)`` pixel coordinates, or None.
-        labels: ``(N,)`` int, 1 = positive, 0 = negative; required with ``points``.
-        box: ``(4,)`` ``(x0, y0, x1, y1)`` pixels, or None.
-        mask_input: ``(1, h, w)`` low-resolution logits of a previous prediction, or None.
-    """
-
-    points: np.ndarray | None = None
-    labels: np.ndarray | None = None
-    box: np.ndarray | None = None
-    mask_input: np.ndarray | None = field(default=None, repr=False)
-
-    def __post_init__(self) -> None:
-        if self.points is not None:
-            self.points = np.asarray(self.points, dtype=np.float32).reshape(-1, 2)
-            if self.labels is None:
-                self.labels = np.ones(len(self.points), dtype=np.int64)
-            self.labels = np.asarray(self.labels, dtype=np.int64).reshape(-1)
-            if len(self.labels) != len(self.points):
-                raise PromptError(
-                    f"{len(self.points)} points but {len(self.labels)} labels were given"
-                )
-            if len(self.points) == 0:
-                self.points, self.labels = None, None
-        elif self.labels is not None and len(np.asarray(self.labels).reshape(-1)):
-            raise PromptError("point labels were given without points")
-        else:
-            self.labels = None
-        if self.box is not None:
-            self.box = np.asarray(self.box, dtype=np.float32).reshape(-1)
-            if self.box.shape != (4,):
-                raise PromptError(f"a box needs 4 numbers x0,y0,x1,y1, got {self.box.tolist()}")
-
-    @property
-    def empty(self) -> bool:
-        return self.points is None and self.box is None and self.mask_input is None
-
-    @property
-    def ambiguous(self) -> bool:
-        """A single point and no box: SAM returns 3 candidate masks and we keep the best."""
-        return self.box is None and self.points is not None and len(self.points) == 1
-
-    def validate(self, height: int, width: int) -> None:
-        """Raise :class:`PromptError` for non-finite values, bad labels or prompts outside the image."""
-        if self.points is not None:
-            p = self.points
-            if not np.isfinite(p).all():
-                raise PromptError("point coordinates must be finite numbers")
-            # same rule as SamPredictor: 0 <= x <= W, 0 <= y <= H (pixel edges)
-            bad = (p[:, 0] < 0) | (p[:, 0] > width) | (p[:, 1] < 0) | (p[:, 1] > height)
-            if bad.any():
-                x, y = p[bad][0]
-                raise PromptError(
-                    f"point ({x:g}, {y:g}) lies outside the {width}x{height} (W x H) image; "
-                    "points are (x, y) = (column, row)"
-                )
-            if not np.isin(self.labels, (0, 1)).all():
-                raise PromptError(
-                    f"point labels must be 1 (positive) or 0 (negative), got {self.labels.tolist()}"
-                )
-        if self.box is not None:
-            x0, y0, x1, y1 = (float(v) for v in self.box)
-            if not np.isfinite(self.box).all():
-                raise PromptError("box coordinates must be finite numbers")
-            # x0 == x1 is allowed: the tight box of a one-pixel-wide object (inclusive corners)
-            if x1 < x0 or y1 < y0:
-                raise PromptError(
-                    f"box ({x0:g}, {y0:g}, {x1:g}, {y1:g}) needs x0 <= x1 and y0 <= y1"
-                )
-            if x0 < 0 or y0 < 0 or x1 > width or y1 > height:
-                raise PromptError(
-                    f"box ({x0:g}, {y0:g}, {x1:g}, {y1:g}) lies outside the {width}x{height} image"
-                )
-
-    def to_json(self) -> dict[str, Any]:
-        """JSON-serialisable form (as read by :func:`Prompt.from_json`)."""
-        out: dict[str, Any] = {}
-        if self.points is not None:
-            out["points"] = [
-                [float(x), float(y), int(lab)]
-                for (x, y), lab in zip(self.points, self.labels, strict=True)
-            ]
-        if self.box is not None:
-            out["box"] = [float(v) for v in self.box]
-        return out
-
-    @classmethod
-    def from_json(cls, obj: Mapping[str, Any]) -> Prompt:
-        """Parse ``{"points": [[x, y, label?], ...], "box": [x0, y0, x1, y1]}``."""
-        if not isinstance(obj, Mapping):
-            raise PromptError(f"a prompt must be an object with 'points' and/or 'box', got {obj!r}")
-        unknown = set(obj) - {"points", "box", "slice"}
-        if unknown:
-            raise PromptError(f"unknown prompt keys {sorted(unknown)}; use 'points' and/or 'box'")
-        points = labels = None
-        if obj.get("points"):
-            try:
-                rows = [list(map(float, p)) for p in obj["points"]]
-            except (TypeError, ValueError) as e:
-                raise PromptError(
-                    f"points must be [[x, y, label], ...], got {obj['points']!r}"
-                ) from e
-            if any(len(r) not in (2, 3) for r in rows):
-                raise PromptError(
-                    f"each point must be [x, y] or [x, y, label], got {obj['points']!r}"
-                )
-            if any(len(r) == 3 and r[2] not in (0.0, 1.0) for r in rows):
-                raise PromptError(f"point labels must be 1 or 0, got {obj['points']!r}")
-            points = np.array([r[:2] for r in rows], dtype=np.float32)
-            labels = np.array([int(r[2]) if len(r) == 3 else 1 for r in rows], dtype=np.int64)
-        box = None
-        if obj.get("box") is not None:
-            try:
-                box = np.array([float(v) for v in obj["box"]], dtype=np.float32)
-            except (TypeError, ValueError) as e:
-                raise PromptError(f"box must be [x0, y0, x1, y1], got {obj['box']!r}") from e
-        return cls(points=points, labels=labels, box=box)
 
 
 # --------------------------------------------------------------------------- images
@@ -302,9 +181,10 @@ def _rgb(image: np.ndarray) -> np.ndarray:
 
 def _decode_one(predictor: Any, prompt: Prompt) -> tuple[np.ndarray, float, np.ndarray]:
     """Decode one prompt on the predictor's current image: ``mask (H, W)``, score, logits ``(1, h, w)``."""
+    has_points = len(prompt.points) > 0
     masks, scores, low_res = predictor.predict(
-        point_coords=prompt.points,
-        point_labels=prompt.labels,
+        point_coords=prompt.points if has_points else None,
+        point_labels=prompt.labels if has_points else None,
         box=prompt.box,
         mask_input=prompt.mask_input,
         multimask_output=prompt.ambiguous,
@@ -315,8 +195,7 @@ def _decode_one(predictor: Any, prompt: Prompt) -> tuple[np.ndarray, float, np.n
 
 
 def _signature(p: Prompt) -> tuple[int, bool, bool, bool]:
-    n = 0 if p.points is None else len(p.points)
-    return (n, p.box is not None, p.mask_input is not None, p.ambiguous)
+    return (len(p.points), p.box is not None, p.mask_input is not None, p.ambiguous)
 
 
 def decode_prompts(
@@ -414,8 +293,8 @@ def segment_image(
         raise DataError(f"expected a 2D image (H, W) or (H, W, C), got shape {image.shape}")
     h, w = int(image.shape[0]), int(image.shape[1])
     for p in prompts:
-        if p is not None:
-            p.validate(h, w)
+        if p is not None and not p.empty:  # an empty prompt gives an empty mask, like None
+            p.validate((h, w))
     masks = np.zeros((len(prompts), h, w), dtype=bool)
     scores = np.full(len(prompts), np.nan, dtype=np.float32)
     logits: list[np.ndarray | None] = [None] * len(prompts)
@@ -477,8 +356,8 @@ def segment_volume(
             m, s = segment_image(predictor, x[z], prompts, intensity="none")  # type: ignore[index,misc]
         else:
             for p in prompts:
-                if p is not None:
-                    p.validate(h, w)
+                if p is not None and not p.empty:
+                    p.validate((h, w))
             todo = [i for i, p in enumerate(prompts) if p is not None and not p.empty]
             m = np.zeros((k, h, w), dtype=bool)
             s = np.full(k, np.nan, dtype=np.float32)
@@ -509,7 +388,7 @@ def simulate_prompt(protocol: str, mask: np.ndarray, rng: np.random.Generator) -
     m = np.asarray(mask).astype(bool)
     if not m.any():
         return None
-    return from_data_prompt(get_protocol(protocol)(m, rng))
+    return get_protocol(protocol)(m, rng)
 
 
 def segment_with_protocol(
@@ -559,17 +438,6 @@ def segment_with_protocol(
         predictor, img, prompts, n_objects=1, intensity=intensity, depth=depth
     )
     return masks[0]
-
-
-def from_data_prompt(p: Any) -> Prompt:
-    """Convert a :class:`medsa.data.prompts.Prompt` (points may be ``(0, 2)``) to a :class:`Prompt`."""
-    if isinstance(p, Prompt):
-        return p
-    return Prompt(
-        points=getattr(p, "points", None),
-        labels=getattr(p, "labels", None),
-        box=getattr(p, "box", None),
-    )
 
 
 # --------------------------------------------------------------------------- everything
@@ -683,8 +551,4 @@ def iterate_clicks(
 
 def add_click(prompt: Prompt, xy: Any, label: int, mask_input: np.ndarray | None) -> Prompt:
     """``prompt`` plus one click ``xy (2,)`` with ``label``, feeding back ``mask_input``."""
-    old_pts = prompt.points if prompt.points is not None else np.zeros((0, 2), np.float32)
-    old_lab = prompt.labels if prompt.labels is not None else np.zeros(0, np.int64)
-    pts = np.concatenate([old_pts, np.asarray(xy, np.float32).reshape(1, 2)])
-    labs = np.concatenate([old_lab, np.asarray([int(label)], np.int64)])
-    return Prompt(points=pts, labels=labs, box=prompt.box, mask_input=mask_input)
+    return prompt.with_click(xy, label, mask_input)

@@ -425,10 +425,9 @@ def write_overlay(
             continue
         if p.box is not None:
             draw.rectangle([float(v) for v in p.box], outline=(255, 255, 0), width=max(1, r // 2))
-        if p.points is not None:
-            for (x, y), lb in zip(p.points, p.labels, strict=True):
-                c = (0, 255, 0) if lb == 1 else (255, 0, 0)
-                draw.ellipse([x - r, y - r, x + r, y + r], fill=c, outline=(255, 255, 255))
+        for (x, y), lb in zip(p.points, p.labels, strict=True):
+            c = (0, 255, 0) if lb == 1 else (255, 0, 0)
+            draw.ellipse([x - r, y - r, x + r, y + r], fill=c, outline=(255, 255, 255))
     tmp = path.with_name(path.name + ".tmp.png")
     pil.save(tmp)
     tmp.replace(path)

@@ -42,7 +42,13 @@ def build_parser() -> argparse.ArgumentParser:
     add_common_args(p, iters=20, batch=1)
     p.add_argument("--image-size", type=int, default=512, help="side of the (square) test image")
     p.add_argument("--prompts", type=int, default=16, help="boxes in the batched rows")
-    p.add_argument("--dtype", default="fp32", help="medsa decoder dtype (fp32 | bf16)")
+    p.add_argument(
+        "--dtype",
+        default="fp32",
+        choices=("fp32", "bf16", "bf16-weights"),
+        help="medsa precision: fp32; bf16 = autocast (fp32 weights); bf16-weights = the model "
+        "cast to bfloat16 (model.to(torch.bfloat16): no per-call weight casts, AMX/tensor cores)",
+    )
     p.add_argument(
         "--cache-iters",
         type=int,
@@ -69,12 +75,15 @@ def main(argv: list[str] | None = None) -> dict:
     ref.load_state_dict(ours.state_dict(), strict=True)
     ours.to(device).eval()
     ref.to(device).eval()
+    if args.dtype == "bf16-weights":
+        ours.to(torch.bfloat16)
+    amp = "fp32" if args.dtype == "bf16-weights" else args.dtype  # autocast mode for medsa
 
     rng = np.random.default_rng(args.seed)
     n = args.image_size
     image = rng.integers(0, 256, (n, n, 3), dtype=np.uint8)
     p_ours, p_ref = SamPredictor(ours), SAPredictor(ref)
-    with torch.inference_mode(), autocast_context(device, args.dtype):
+    with torch.inference_mode(), autocast_context(device, amp):
         p_ours.set_image(image)
     with torch.inference_mode():
         p_ref.set_image(image)
@@ -86,7 +95,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     def medsa(**kw):
         def fn():
-            with torch.inference_mode(), autocast_context(device, args.dtype):
+            with torch.inference_mode(), autocast_context(device, amp):
                 return p_ours.predict(**kw)[2]
 
         return fn
@@ -116,7 +125,7 @@ def main(argv: list[str] | None = None) -> dict:
         fns[f"medsa | {case}"] = medsa(**kw)
         fns[f"segment-anything | {case}"] = sa(**kw)
     batch_case = f"{args.prompts} boxes batched"
-    fns[f"medsa | {batch_case}"] = batched(p_ours, lambda: autocast_context(device, args.dtype))
+    fns[f"medsa | {batch_case}"] = batched(p_ours, lambda: autocast_context(device, amp))
     fns[f"segment-anything | {batch_case}"] = batched(
         p_ref, lambda: autocast_context(device, "fp32")
     )

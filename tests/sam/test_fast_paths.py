@@ -178,3 +178,40 @@ def test_reference_helper_is_the_same_as_explicit() -> None:
         atol=1e-6,
         rtol=1e-6,
     )
+
+
+def test_channels_last_upscaling_equals_the_module_stack() -> None:
+    """The mask decoder's GEMM formulation of ``output_upscaling`` (two stride-2 transposed
+    convolutions, LayerNorm2d, GELU) + hypernetwork projection gives the same logits and
+    gradients as running the modules on NCHW tensors (the path taken when the stack is
+    customised, here forced by a no-op forward hook)."""
+    from medsa.sam import build_sam
+
+    torch.manual_seed(0)
+    dec = build_sam("vit_tiny").mask_decoder
+    for prm in dec.parameters():  # non-trivial norm / bias values
+        prm.data.add_(0.1 * torch.randn_like(prm))
+    c = dec.transformer_dim
+    h, w = 5, 7  # non-square, to catch a row/column mix-up in the pixel shuffle
+    img = torch.randn(2, c, h, w)
+    pe = torch.randn(1, c, h, w)
+    sparse = torch.randn(2, 3, c)
+    dense = torch.randn(2, c, h, w)
+
+    def run() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        dec.zero_grad()
+        masks, iou = dec.predict_masks(img, pe, sparse, dense)
+        (masks.square().mean() + iou.sum()).backward()
+        return masks.detach(), iou.detach(), dec.output_upscaling[0].weight.grad.clone()
+
+    assert dec._upscaling_is_standard()
+    fast = run()
+    handle = dec.output_upscaling[0].register_forward_hook(lambda *a: None)
+    try:
+        assert not dec._upscaling_is_standard()
+        slow = run()
+    finally:
+        handle.remove()
+    assert fast[0].shape == (2, dec.num_mask_tokens, 4 * h, 4 * w)
+    for a, b in zip(fast, slow, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)

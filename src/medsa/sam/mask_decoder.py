@@ -112,16 +112,72 @@ class MaskDecoder(nn.Module):
         iou_token_out = hs[:, 0, :]
         mask_tokens_out = hs[:, 1 : (1 + self.num_mask_tokens), :]
 
-        src = src.transpose(1, 2).reshape(b, c, h, w)
-        upscaled = self.output_upscaling(src)
         hyper_in = torch.stack(
             [mlp(mask_tokens_out[:, i, :]) for i, mlp in enumerate(self.output_hypernetworks_mlps)],
             dim=1,
         )
-        b, c, h, w = upscaled.shape
-        masks = (hyper_in @ upscaled.reshape(b, c, h * w)).reshape(b, -1, h, w)
+        if self._upscaling_is_standard():
+            masks = self._upscale_and_project(src, hyper_in, h, w)
+        else:  # a customised upscaling stack: run it as modules
+            upscaled = self.output_upscaling(src.transpose(1, 2).reshape(b, c, h, w))
+            b, c, h, w = upscaled.shape
+            masks = (hyper_in @ upscaled.reshape(b, c, h * w)).reshape(b, -1, h, w)
         iou_pred = self.iou_prediction_head(iou_token_out)
         return masks, iou_pred
+
+    def _upscaling_is_standard(self) -> bool:
+        up = self.output_upscaling
+        return (
+            len(up) == 5
+            and all(
+                isinstance(up[i], nn.ConvTranspose2d)
+                and up[i].kernel_size == (2, 2)
+                and up[i].stride == (2, 2)
+                and up[i].padding == (0, 0)
+                and up[i].output_padding == (0, 0)
+                and up[i].groups == 1
+                for i in (0, 3)
+            )
+            and isinstance(up[1], LayerNorm2d)
+            and not any(m._forward_hooks or m._forward_pre_hooks for m in up)
+        )
+
+    def _upscale_and_project(
+        self, src: torch.Tensor, hyper_in: torch.Tensor, h: int, w: int
+    ) -> torch.Tensor:
+        """``output_upscaling`` + hypernetwork projection, computed channels-last as GEMMs.
+
+        A stride-2, kernel-2 transposed convolution writes each input pixel's ``Cin`` vector
+        times a ``(Cin, 2 * 2 * Cout)`` matrix into a 2x2 output block, so it is one matrix
+        product over pixels. Keeping the tokens ``(B, h*w, C)`` channels-last and the 2x2
+        sub-pixel offsets as extra axes (pixel order ``h, w, di, dj, ei, ej``) avoids the
+        NCHW transposes and the slow CPU deconvolution kernels; only the final ``(B, M, 4h, 4w)``
+        logits are permuted into raster order. Same maths as the module stack (same weights).
+
+        Args:
+            src: image tokens after the transformer ``(B, h*w, C)``.
+            hyper_in: per-mask weights ``(B, M, C // 8)``.
+        Returns:
+            mask logits ``(B, M, 4h, 4w)``.
+        """
+        up1, norm, act1, up2, act2 = self.output_upscaling
+        b, m = src.shape[0], hyper_in.shape[1]
+
+        def deconv(x: torch.Tensor, conv: nn.ConvTranspose2d) -> torch.Tensor:
+            # weight (Cin, Cout, 2, 2) -> (Cin, 2*2*Cout) ordered (di, dj, co)
+            wt = conv.weight.permute(0, 2, 3, 1).reshape(conv.weight.shape[0], -1)
+            y = x @ wt.to(x.dtype)
+            if conv.bias is not None:
+                y = y + conv.bias.to(x.dtype).repeat(4)
+            return y.reshape(*x.shape[:-1], 4, -1)  # (..., 4 sub-pixels, Cout)
+
+        x = deconv(src, up1)  # (B, h*w, 4, C/4)
+        x = act1(F.layer_norm(x, (x.shape[-1],), norm.weight, norm.bias, norm.eps))
+        x = act2(deconv(x, up2))  # (B, h*w, 4, 4, C/8)
+        masks = x.reshape(b, -1, x.shape[-1]) @ hyper_in.transpose(1, 2)  # (B, h*w*16, M)
+        masks = masks.reshape(b, h, w, 2, 2, 2, 2, m)  # h, w, di, dj, ei, ej
+        # row = 4i + 2di + ei, col = 4j + 2dj + ej
+        return masks.permute(0, 7, 1, 3, 5, 2, 4, 6).reshape(b, m, 4 * h, 4 * w)
 
 
 class MLP(nn.Module):

@@ -19,7 +19,12 @@ from torch import nn
 
 from ..errors import ConfigError
 from .common import LayerNorm2d, MLPBlock
-from .fast_attention import ATTENTION_IMPLS, default_attention_impl, rel_pos_attention
+from .fast_attention import (
+    ATTENTION_IMPLS,
+    default_attention_impl,
+    get_rel_pos,
+    rel_pos_attention,
+)
 
 __all__ = [
     "VIT_PRESETS",
@@ -28,7 +33,6 @@ __all__ = [
     "ImageEncoderViT",
     "PatchEmbed",
     "ViTConfig",
-    "decomposed_rel_pos_bias",
     "get_rel_pos",
     "window_partition",
     "window_unpartition",
@@ -115,54 +119,6 @@ def window_unpartition(
     if hp > h or wp > w:
         x = x[:, :h, :w, :].contiguous()
     return x
-
-
-def get_rel_pos(q_size: int, k_size: int, rel_pos: torch.Tensor) -> torch.Tensor:
-    """Relative position embeddings ``(q_size, k_size, C)`` gathered from a table ``(L, C)``.
-
-    The table is linearly resized when ``L != 2 * max(q_size, k_size) - 1`` (other input sizes).
-    """
-    max_rel_dist = int(2 * max(q_size, k_size) - 1)
-    if rel_pos.shape[0] != max_rel_dist:
-        resized = F.interpolate(
-            rel_pos.reshape(1, rel_pos.shape[0], -1).permute(0, 2, 1),
-            size=max_rel_dist,
-            mode="linear",
-        )
-        rel_pos = resized.reshape(-1, max_rel_dist).permute(1, 0)
-    # Scale the coordinates of the shorter side when q and k sizes differ.
-    q_coords = torch.arange(q_size, device=rel_pos.device)[:, None] * max(k_size / q_size, 1.0)
-    k_coords = torch.arange(k_size, device=rel_pos.device)[None, :] * max(q_size / k_size, 1.0)
-    relative_coords = (q_coords - k_coords) + (k_size - 1) * max(q_size / k_size, 1.0)
-    return rel_pos[relative_coords.long()]
-
-
-def decomposed_rel_pos_bias(
-    q: torch.Tensor,
-    rel_pos_h: torch.Tensor,
-    rel_pos_w: torch.Tensor,
-    q_size: tuple[int, int],
-    k_size: tuple[int, int],
-) -> torch.Tensor:
-    """Additive attention bias of MViTv2 decomposed relative positions.
-
-    Args:
-        q: unscaled queries ``(B, nH, q_h * q_w, C)``.
-        rel_pos_h, rel_pos_w: tables ``(Lh, C)`` and ``(Lw, C)``.
-    Returns:
-        bias ``(B, nH, q_h * q_w, k_h * k_w)`` to pass as ``attn_mask`` of
-        ``scaled_dot_product_attention`` (equals SAM's ``add_decomposed_rel_pos`` minus the logits).
-    """
-    q_h, q_w = q_size
-    k_h, k_w = k_size
-    r_h = get_rel_pos(q_h, k_h, rel_pos_h).to(q.dtype)
-    r_w = get_rel_pos(q_w, k_w, rel_pos_w).to(q.dtype)
-    b, n_heads, _, dim = q.shape
-    r_q = q.reshape(b, n_heads, q_h, q_w, dim)
-    rel_h = torch.einsum("bnhwc,hkc->bnhwk", r_q, r_h)
-    rel_w = torch.einsum("bnhwc,wkc->bnhwk", r_q, r_w)
-    bias = rel_h[..., :, None] + rel_w[..., None, :]  # (B, nH, q_h, q_w, k_h, k_w)
-    return bias.reshape(b, n_heads, q_h * q_w, k_h * k_w)
 
 
 # --------------------------------------------------------------------------------------------

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from medsa.errors import ConfigError, DataError
+from medsa.sam.constants import SAM_PIXEL_MEAN, SAM_PIXEL_STD
 
 if TYPE_CHECKING:
     import torch
@@ -47,9 +48,6 @@ __all__ = [
     "SamTransform",
 ]
 
-#: SAM's ImageNet pixel statistics on the 0-255 scale (segment-anything ``Sam.pixel_mean/std``)
-SAM_PIXEL_MEAN = (123.675, 116.28, 103.53)
-SAM_PIXEL_STD = (58.395, 57.12, 57.375)
 
 #: CT window presets, name -> (level, width) in HU (standard radiology values, Radiopaedia)
 CT_WINDOWS: dict[str, tuple[float, float]] = {

@@ -19,6 +19,7 @@ import torch
 
 from medsa.errors import CheckpointError, ConfigError
 
+from .constants import SAM_PIXEL_MEAN, SAM_PIXEL_STD
 from .image_encoder import VIT_PRESETS, ImageEncoderViT, ViTConfig
 from .mask_decoder import MaskDecoder
 from .prompt_encoder import PromptEncoder
@@ -36,9 +37,6 @@ __all__ = [
     "load_checkpoint",
     "read_state_dict",
 ]
-
-SAM_PIXEL_MEAN = (123.675, 116.28, 103.53)
-SAM_PIXEL_STD = (58.395, 57.12, 57.375)
 
 
 @dataclass

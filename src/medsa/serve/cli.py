@@ -54,7 +54,7 @@ def build_model(backbone: str, checkpoint: Path | None, adapter: Path | None, de
     """Backbone (+ adapter) in eval mode on ``device``."""
     import torch
 
-    from medsa.sam import build_sam
+    from medsa.engine.evaluate import load_model
 
     try:
         dev = torch.device(device)
@@ -62,12 +62,7 @@ def build_model(backbone: str, checkpoint: Path | None, adapter: Path | None, de
         raise ConfigError(f"--device {device!r}: {e}") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError("--device cuda: no CUDA GPU is available; use --device cpu")
-    model = build_sam(backbone, checkpoint=checkpoint)
-    if adapter is not None:
-        from medsa.adapters import load_adapter
-
-        model = load_adapter(model, adapter)
-    return model.to(dev).eval()
+    return load_model(backbone, checkpoint, adapter, dev)
 
 
 def main(args: argparse.Namespace) -> int:

@@ -65,3 +65,18 @@ def test_trainable_and_frozen_helpers() -> None:
 def test_maybe_compile_disabled_returns_module() -> None:
     m = torch.nn.Linear(2, 2)
     assert perf.maybe_compile(m, enabled=False) is m
+
+
+def test_set_grad_checkpointing_reaches_vit_and_tinyvit_encoders() -> None:
+    from medsa.engine.perf import set_grad_checkpointing
+    from medsa.sam import build_sam
+    from medsa.sam.build import build_sam_from_config, get_config
+
+    vit = build_sam("vit_tiny")
+    lite = build_sam_from_config(get_config("lite_medsam"), name="lite_medsam")  # no weights
+    for model in (vit, lite):
+        assert model.image_encoder.grad_checkpointing is False
+        assert set_grad_checkpointing(model, True) == 1
+        assert model.image_encoder.grad_checkpointing is True
+        assert set_grad_checkpointing(model, False) == 1
+        assert model.image_encoder.grad_checkpointing is False

@@ -114,16 +114,18 @@ def set_attention_impl(model: nn.Module, impl: str) -> int:
 
 
 def set_grad_checkpointing(model: nn.Module, enabled: bool = True) -> int:
-    """Recompute ViT block activations in backward (less memory, ~30% more compute).
+    """Recompute encoder activations in backward (less memory, ~30% more compute).
 
-    Applies to every :class:`medsa.sam.image_encoder.ImageEncoderViT` inside ``model``; returns the
-    number of encoders changed. Checkpointing is only active in ``train()`` mode with grad enabled.
+    Applies to every :class:`medsa.sam.image_encoder.ImageEncoderViT` (per block) and
+    :class:`medsa.sam.tiny_vit.TinyViT` (per stage) inside ``model``; returns the number of
+    encoders changed. Checkpointing is only active in ``train()`` mode with grad enabled.
     """
     from medsa.sam.image_encoder import ImageEncoderViT
+    from medsa.sam.tiny_vit import TinyViT
 
     n = 0
     for m in model.modules():
-        if isinstance(m, ImageEncoderViT):
+        if isinstance(m, (ImageEncoderViT, TinyViT)):
             m.grad_checkpointing = enabled
             n += 1
     return n

@@ -170,15 +170,6 @@ class ChunkEncoder:
         p.is_image_set = True
 
 
-def _rgb(image: np.ndarray) -> np.ndarray:
-    """``(H, W)`` / ``(H, W, 1|3|4)`` uint8 -> ``(H, W, 3)`` uint8."""
-    if image.ndim == 2:
-        return np.repeat(image[:, :, None], 3, axis=2)
-    if image.shape[-1] == 1:
-        return np.repeat(image, 3, axis=2)
-    return np.ascontiguousarray(image[:, :, :3])
-
-
 def _decode_one(predictor: Any, prompt: Prompt) -> tuple[np.ndarray, float, np.ndarray]:
     """Decode one prompt on the predictor's current image: ``mask (H, W)``, score, logits ``(1, h, w)``."""
     has_points = len(prompt.points) > 0

@@ -402,7 +402,8 @@ def write_overlay(
     from PIL import Image as PILImage
     from PIL import ImageDraw
 
-    from medsa.engine.inference import _rgb, to_uint8
+    from medsa.engine.inference import to_uint8
+    from medsa.sam.predictor import image_to_rgb
 
     img8 = to_uint8(image)
     lab = np.asarray(labels)
@@ -410,7 +411,7 @@ def write_overlay(
     if is_3d:
         z = int(np.argmax((lab.reshape(lab.shape[0], -1) > 0).sum(1)))
         img8, lab = img8[z], lab[z]
-    rgb = _rgb(img8).astype(np.float32)
+    rgb = image_to_rgb(img8).astype(np.float32)
     if lab.dtype == bool:
         lab = lab.astype(np.uint8)
     for k in np.unique(lab[lab > 0]):

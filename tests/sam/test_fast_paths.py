@@ -18,6 +18,7 @@ from medsa.sam.fast_attention import (
     rel_pos_attention,
 )
 from medsa.sam.image_encoder import VIT_PRESETS, Attention, ImageEncoderViT
+from medsa.sam.transformer import Attention as DecoderAttention
 
 sa_enc = pytest.importorskip("segment_anything.modeling.image_encoder")
 
@@ -215,3 +216,103 @@ def test_channels_last_upscaling_equals_the_module_stack() -> None:
     assert fast[0].shape == (2, dec.num_mask_tokens, 4 * h, 4 * w)
     for a, b in zip(fast, slow, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    # inference runs the activations in place: same logits as with autograd recording
+    with torch.inference_mode():
+        masks, iou = dec.predict_masks(img, pe, sparse, dense)
+    torch.testing.assert_close(masks, fast[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(iou, fast[1], rtol=1e-5, atol=1e-5)
+
+
+# --------------------------------------------------------------------------------------------
+# Mask decoder: folded few-token cross-attention
+# --------------------------------------------------------------------------------------------
+
+
+def _decoder_attention(seed: int = 0) -> DecoderAttention:
+    torch.manual_seed(seed)
+    attn = DecoderAttention(64, 4, downsample_rate=2)  # internal 32, head dim 8
+    for prm in attn.parameters():  # biases non-zero so that every bias term is exercised
+        prm.data.add_(0.2 * torch.randn_like(prm))
+    return attn
+
+
+@pytest.mark.parametrize(
+    ("nq", "nk"), [(300, 5), (5, 300)], ids=["image-to-token", "token-to-image"]
+)
+def test_folded_cross_attention_equals_project_then_attend(nq, nk) -> None:
+    """Both folded forms give the outputs and gradients (inputs and every weight) of
+    projecting q/k/v and attending; checked in float64 so that only the algebra is tested."""
+    attn = _decoder_attention().double()
+    g = torch.Generator().manual_seed(1)
+    q = torch.randn(2, nq, 64, generator=g, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(2, nk, 64, generator=g, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(2, nk, 64, generator=g, dtype=torch.float64, requires_grad=True)
+    grad_out = torch.randn(2, nq, 64, generator=g, dtype=torch.float64)
+    leaves = [q, k, v, *attn.parameters()]
+
+    results = {}
+    for mode in ("auto", "never"):
+        attn.fold = mode
+        out = attn(q, k, v)
+        results[mode] = (out, torch.autograd.grad(out, leaves, grad_out, allow_unused=True))
+    (out_f, grads_f), (out_r, grads_r) = results["auto"], results["never"]
+    torch.testing.assert_close(out_f, out_r, rtol=1e-10, atol=1e-10)
+    for gf, gr in zip(grads_f, grads_r, strict=True):
+        assert gf is not None and gr is not None  # every parameter stays in the graph (DDP)
+        torch.testing.assert_close(gf, gr, rtol=1e-9, atol=1e-9)
+
+
+def test_folded_attention_is_used_only_where_it_saves_work(monkeypatch) -> None:
+    calls: list[str] = []
+    for name in ("_few_keys", "_few_queries", "_project_and_attend"):
+        orig = getattr(DecoderAttention, name)
+        monkeypatch.setattr(
+            DecoderAttention,
+            name,
+            lambda self, *a, _n=name, _o=orig: (calls.append(_n), _o(self, *a))[1],
+        )
+    sam_attn = DecoderAttention(256, 8, downsample_rate=2)  # SAM's cross-attention: 8 heads, 128
+    img, tok = torch.randn(1, 4096, 256), torch.randn(1, 7, 256)
+
+    def run(q, k, attn=sam_attn) -> str:
+        calls.clear()
+        attn(q, k, k)
+        return calls[-1]
+
+    assert run(img, tok) == "_few_keys"  # image -> token: 8 x 7 = 56 < 128 columns
+    assert run(tok, img) == "_few_queries"  # token -> image
+    assert run(tok, tok) == "_project_and_attend"  # token self-attention
+    many = torch.randn(1, 20, 256)  # 8 x 20 = 160 columns: folding would cost more
+    assert run(img, many) == "_project_and_attend"
+    sam_attn.fold = "never"
+    assert run(img, tok) == "_project_and_attend"
+    sam_attn.fold = "auto"
+
+    class LinearWithDelta(torch.nn.Linear):  # e.g. a LoRA-style replacement of a projection
+        def forward(self, x):
+            return super().forward(x) + 1.0
+
+    sam_attn.q_proj = LinearWithDelta(256, 128)
+    assert run(img, tok) == "_project_and_attend"  # its forward must run
+    sam_attn.fold = "sometimes"
+    with pytest.raises(ValueError, match="fold"):
+        run(img, tok)
+
+
+def test_folded_attention_bf16_close_to_fp32() -> None:
+    """A bfloat16 decoder attention on the folded path stays within bf16 tolerance of fp32."""
+    attn = _decoder_attention(2)
+    attn.fold = "always"
+    g = torch.Generator().manual_seed(3)
+    img, tok = torch.randn(2, 400, 64, generator=g), torch.randn(2, 6, 64, generator=g)
+    for q, k in ((img, tok), (tok, img)):
+        ref = attn(q, k, k)
+        with torch.no_grad():
+            low = attn.to(torch.bfloat16)(q.bfloat16(), k.bfloat16(), k.bfloat16())
+        attn.float()
+        rel = ((low.float() - ref).norm() / ref.norm()).item()
+        assert rel < 2e-2, rel
+        with autocast_context(torch.device("cpu"), "bf16"):
+            auto = attn(q, k, k)
+        rel = ((auto.float() - ref).norm() / ref.norm()).item()
+        assert rel < 2e-2, rel

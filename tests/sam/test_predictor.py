@@ -193,3 +193,31 @@ def test_image_to_rgb_intensity_rules() -> None:
     rgba = np.zeros((3, 4, 4), np.uint8)
     assert image_to_rgb(rgba).shape == (3, 4, 3)
     assert image_to_rgb(np.ones((2, 2), bool)).max() == 255
+
+
+def test_dense_pe_is_reused_until_the_buffer_changes(tiny_oracle) -> None:
+    """The predictor computes the prompt encoder's dense PE once, but a changed PE buffer (new
+    weights loaded in place) or a clear_cache() is picked up on the next prediction."""
+    model = build_sam("vit_tiny", checkpoint=tiny_oracle[1])
+    calls = []
+    orig = model.prompt_encoder.get_dense_pe
+    model.prompt_encoder.get_dense_pe = lambda: (calls.append(1), orig())[1]
+    pred = SamPredictor(model)
+    pred.set_image(np.random.default_rng(5).integers(0, 255, (48, 64, 3), dtype=np.uint8))
+    assert pred.get_image_embedding().is_contiguous(memory_format=torch.channels_last)
+    box = np.array([5, 5, 40, 30])
+    low1 = pred.predict(box=box)[2]
+    assert np.array_equal(pred.predict(box=box)[2], low1)
+    assert len(calls) == 1
+
+    gaussian = model.prompt_encoder.pe_layer.positional_encoding_gaussian_matrix
+    with torch.no_grad():
+        gaussian.mul_(1.5)  # bumps the buffer's version
+    low2 = pred.predict(box=box)[2]
+    assert len(calls) == 2 and np.abs(low2 - low1).max() > 1e-3
+    fresh = SamPredictor(model, cache_size=0)
+    fresh.set_image(np.random.default_rng(5).integers(0, 255, (48, 64, 3), dtype=np.uint8))
+    np.testing.assert_allclose(fresh.predict(box=box)[2], low2, atol=1e-5)
+    pred.clear_cache()
+    pred.predict(box=box)
+    assert len(calls) == 4  # fresh predictor + after clear_cache

@@ -104,7 +104,9 @@ class MaskDecoder(nn.Module):
             raise ValueError(
                 f"image_embeddings batch {image_embeddings.shape[0]} does not match {bs} prompt sets"
             )
-        src = src + dense_prompt_embeddings
+        # channels-last memory makes the transformer's (B, h*w, C) token view contiguous (no-op
+        # for the predictor's cached embeddings, which are stored that way)
+        src = (src + dense_prompt_embeddings).contiguous(memory_format=torch.channels_last)
         pos_src = image_pe.expand(bs, -1, -1, -1)
         b, c, h, w = src.shape
 
@@ -165,19 +167,33 @@ class MaskDecoder(nn.Module):
 
         def deconv(x: torch.Tensor, conv: nn.ConvTranspose2d) -> torch.Tensor:
             # weight (Cin, Cout, 2, 2) -> (Cin, 2*2*Cout) ordered (di, dj, co)
-            wt = conv.weight.permute(0, 2, 3, 1).reshape(conv.weight.shape[0], -1)
-            y = x @ wt.to(x.dtype)
-            if conv.bias is not None:
-                y = y + conv.bias.to(x.dtype).repeat(4)
+            wt = conv.weight.permute(0, 2, 3, 1).reshape(conv.weight.shape[0], -1).to(x.dtype)
+            x2 = x.reshape(-1, x.shape[-1])
+            if conv.bias is None:
+                y = x2 @ wt
+            else:  # bias fused into the GEMM (no second pass over the output)
+                y = torch.addmm(conv.bias.to(x.dtype).repeat(4), x2, wt)
             return y.reshape(*x.shape[:-1], 4, -1)  # (..., 4 sub-pixels, Cout)
 
         x = deconv(src, up1)  # (B, h*w, 4, C/4)
-        x = act1(F.layer_norm(x, (x.shape[-1],), norm.weight, norm.bias, norm.eps))
-        x = act2(deconv(x, up2))  # (B, h*w, 4, 4, C/8)
+        x = _activation(act1, F.layer_norm(x, (x.shape[-1],), norm.weight, norm.bias, norm.eps))
+        x = _activation(act2, deconv(x, up2))  # (B, h*w, 4, 4, C/8)
         masks = x.reshape(b, -1, x.shape[-1]) @ hyper_in.transpose(1, 2)  # (B, h*w*16, M)
         masks = masks.reshape(b, h, w, 2, 2, 2, 2, m)  # h, w, di, dj, ei, ej
         # row = 4i + 2di + ei, col = 4j + 2dj + ej
         return masks.permute(0, 7, 1, 3, 5, 2, 4, 6).reshape(b, m, 4 * h, 4 * w)
+
+
+def _activation(act: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``act(x)``; a plain GELU/ReLU runs in place when no gradient is recorded (inference),
+    which saves a large temporary (a page-faulting allocation on the CPU)."""
+    if torch.is_grad_enabled() and x.requires_grad:
+        return act(x)
+    if type(act) is nn.GELU:
+        return torch.ops.aten.gelu_(x, approximate=act.approximate)
+    if type(act) is nn.ReLU:
+        return x.relu_()
+    return act(x)
 
 
 class MLP(nn.Module):

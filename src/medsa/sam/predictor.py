@@ -85,6 +85,7 @@ class SamPredictor:
         self.transform = transform_for(model)
         self.cache_size = cache_size
         self._cache: OrderedDict[str, _Entry] = OrderedDict()
+        self._pe: tuple[tuple, torch.Tensor] | None = None
         self.cache_hits = 0
         self.cache_misses = 0
         self.reset_image()
@@ -108,6 +109,7 @@ class SamPredictor:
     def clear_cache(self) -> None:
         """Drop all cached embeddings (needed after the model weights change)."""
         self._cache.clear()
+        self._pe = None
 
     @staticmethod
     def _image_key(image: np.ndarray) -> str:
@@ -169,6 +171,8 @@ class SamPredictor:
         self.reset_image()
         x = self.model.preprocess(transformed_image.to(self.device, torch.float32))
         features = self.model.image_encoder(x.to(self._dtype))
+        # stored channels-last: the decoder's (1, h*w, C) token view is then free on every click
+        features = features.contiguous(memory_format=torch.channels_last)
         self._use(
             _Entry(
                 features,
@@ -176,6 +180,18 @@ class SamPredictor:
                 (int(transformed_image.shape[-2]), int(transformed_image.shape[-1])),
             )
         )
+
+    def _dense_pe(self) -> torch.Tensor:
+        """The prompt encoder's ``get_dense_pe()``, computed once per device and dtype.
+
+        It depends only on a fixed buffer, not on the image or the prompt; :meth:`clear_cache`
+        drops it together with the embeddings.
+        """
+        gaussian = self.model.prompt_encoder.pe_layer.positional_encoding_gaussian_matrix
+        key = (self.device, self._dtype, id(gaussian), gaussian._version)
+        if self._pe is None or self._pe[0] != key:
+            self._pe = (key, self.model.prompt_encoder.get_dense_pe())
+        return self._pe[1]
 
     def get_image_embedding(self) -> torch.Tensor:
         """Embedding of the current image, ``(1, C, h, w)``."""
@@ -355,7 +371,7 @@ class SamPredictor:
         sparse, dense = self.model.prompt_encoder(points=points, boxes=boxes, masks=mask_input)
         low_res, iou = self.model.mask_decoder(
             image_embeddings=self.features,
-            image_pe=self.model.prompt_encoder.get_dense_pe(),
+            image_pe=self._dense_pe(),
             sparse_prompt_embeddings=sparse,
             dense_prompt_embeddings=dense,
             multimask_output=multimask_output,

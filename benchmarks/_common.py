@@ -236,6 +236,7 @@ def env_line(env: dict[str, Any]) -> str:
         f"segment-anything {env['segment_anything']}",
         f"device {env['device']}" + (f" ({env['gpu']})" if "gpu" in env else ""),
         f"CPU {env['cpu']} ({env['threads']} threads, {env['cpu_capability']}"
+        + (", AVX512-BF16" if env.get("avx512_bf16") else "")
         + (", AMX-BF16" if env.get("amx_bf16") else "")
         + ")",
         f"load avg {env['loadavg']}",

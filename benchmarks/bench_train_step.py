@@ -21,6 +21,8 @@ Example::
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -48,6 +50,7 @@ from medsa.engine.perf import (
 )
 
 DEFAULT_MEDSA = ("sdpa_folded:fp32", "sdpa_folded:bf16", "sdpa_folded:bf16:ckpt")
+REFERENCE_ROW = "reference-style (segment-anything) | explicit | fp32 | no"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -76,9 +79,21 @@ def seg_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return F.binary_cross_entropy_with_logits(logits, target) + dice.mean()
 
 
-def main(argv: list[str] | None = None) -> dict:
-    args = build_parser().parse_args(argv)
-    device = setup(args)
+@dataclass
+class StepSetup:
+    """Models, optimizers and one fixed batch for the step functions."""
+
+    ours: torch.nn.Module
+    ref: torch.nn.Module | None
+    x: torch.Tensor
+    boxes: torch.Tensor
+    gt: torch.Tensor
+    img_size: int
+
+
+def build_setup(args: argparse.Namespace, device: torch.device, batch: int) -> StepSetup:
+    """medsa (``apply_method(MedSAConfig)``) and, unless ``--no-reference``, the reference-style
+    model on the same random base weights, plus a random batch of ``batch`` images and boxes."""
     from medsa.adapters import apply_method
     from medsa.adapters.config import MedSAConfig
     from medsa.sam.build import build_sam_from_config, get_config
@@ -100,26 +115,36 @@ def main(argv: list[str] | None = None) -> dict:
     s = cfg.encoder.img_size
     low = 4 * (s // cfg.encoder.patch_size)
     g = torch.Generator().manual_seed(args.seed)
-    x = torch.randn(args.batch, 3, s, s, generator=g).to(device)
-    xy = torch.rand(args.batch, 2, generator=g) * s * 0.5
+    x = torch.randn(batch, 3, s, s, generator=g).to(device)
+    xy = torch.rand(batch, 2, generator=g) * s * 0.5
     boxes = torch.cat([xy, xy + s * 0.4], dim=1).to(device)
-    gt = (torch.rand(args.batch, 1, low, low, generator=g) > 0.5).float().to(device)
+    gt = (torch.rand(batch, 1, low, low, generator=g) > 0.5).float().to(device)
+    return StepSetup(ours, ref, x, boxes, gt, s)
 
+
+def step_functions(
+    st: StepSetup, specs: list[str], device: torch.device, *, compile_encoder: bool = False
+) -> dict[str, Callable[[], float]]:
+    """``{"model | attention | dtype | checkpointing": step}``; each step returns the loss.
+
+    ``specs`` are ``IMPL:DTYPE[:ckpt]`` medsa rows; the reference row comes first if present.
+    """
+    ours = st.ours
     opt_ours = torch.optim.AdamW(trainable_parameters(ours), lr=1e-5)
-    encoder = maybe_compile(ours.image_encoder, args.compile)
+    encoder = maybe_compile(ours.image_encoder, compile_encoder)
 
     def medsa_step(impl: str, dtype: str, ckpt: bool):
         def fn() -> float:
             set_attention_impl(ours, impl)
             set_grad_checkpointing(ours, ckpt)
             with autocast_context(device, dtype):
-                emb = encoder(x)
+                emb = encoder(st.x)
                 with torch.no_grad():  # frozen prompt encoder: no graph needed
-                    sparse, dense = ours.prompt_encoder(points=None, boxes=boxes, masks=None)
+                    sparse, dense = ours.prompt_encoder(points=None, boxes=st.boxes, masks=None)
                 logits, _ = ours.mask_decoder(
                     emb, ours.prompt_encoder.get_dense_pe(), sparse, dense, False
                 )
-            loss = seg_loss(logits, gt)
+            loss = seg_loss(logits, st.gt)
             loss.backward()
             opt_ours.step()
             opt_ours.zero_grad(set_to_none=True)
@@ -127,25 +152,33 @@ def main(argv: list[str] | None = None) -> dict:
 
         return fn
 
-    fns = {}
-    if ref is not None:
+    fns: dict[str, Callable[[], float]] = {}
+    if st.ref is not None:
+        ref = st.ref
         opt_ref = torch.optim.AdamW([p for p in ref.parameters() if p.requires_grad], lr=1e-5)
 
         def ref_step() -> float:
-            loss = seg_loss(reference_forward(ref, x, boxes), gt)
+            loss = seg_loss(reference_forward(ref, st.x, st.boxes), st.gt)
             loss.backward()
             opt_ref.step()
             opt_ref.zero_grad(set_to_none=True)
             return float(loss.detach())
 
-        fns["reference-style (segment-anything) | explicit | fp32 | no"] = ref_step
-    for spec in args.medsa:
+        fns[REFERENCE_ROW] = ref_step
+    for spec in specs:
         parts = spec.split(":")
         impl, dtype, ckpt = parts[0], parts[1], len(parts) > 2 and parts[2] == "ckpt"
-        if args.dtype and dtype != args.dtype:
-            continue
-        name = f"medsa | {impl} | {dtype} | {'yes' if ckpt else 'no'}"
-        fns[name] = medsa_step(impl, dtype, ckpt)
+        fns[f"medsa | {impl} | {dtype} | {'yes' if ckpt else 'no'}"] = medsa_step(impl, dtype, ckpt)
+    return fns
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = build_parser().parse_args(argv)
+    device = setup(args)
+    st = build_setup(args, device, args.batch)
+    ours, ref, s = st.ours, st.ref, st.img_size
+    specs = [m for m in args.medsa if not args.dtype or m.split(":")[1] == args.dtype]
+    fns = step_functions(st, specs, device, compile_encoder=args.compile)
 
     results = round_robin(fns, args.iters, args.warmup, device, items_per_call=args.batch)
     leaked = frozen_with_grad(ours)

@@ -91,3 +91,19 @@ def test_run_all_help_imports_every_script() -> None:
     )
     assert res.returncode == 0, res.stderr
     assert "--quick" in res.stdout
+
+
+def test_step_cost_counts_flops_and_memory() -> None:
+    """The device-independent step cost: every row has work and memory, bf16 saves smaller
+    activations than fp32, checkpointing saves fewer per image but recomputes (more FLOPs)."""
+    import step_cost
+
+    out = step_cost.main([*TINY, "--medsa", "sdpa_folded:fp32", "sdpa_folded:bf16:ckpt"])
+    rows = {r["name"].split(" | ", 1)[1] if "medsa" in r["name"] else "ref": r for r in out["rows"]}
+    assert set(rows) == {"ref", "sdpa_folded | fp32 | no", "sdpa_folded | bf16 | yes"}
+    for r in rows.values():
+        assert r["flops_per_image"] > 0 and r["saved_bytes_per_image"] > 0
+        assert r["projected_bytes"] > r["param_grad_optimizer_bytes"]
+    fp32, ckpt = rows["sdpa_folded | fp32 | no"], rows["sdpa_folded | bf16 | yes"]
+    assert ckpt["saved_bytes_per_image"] < fp32["saved_bytes_per_image"]
+    assert ckpt["flops_per_image"] > fp32["flops_per_image"]

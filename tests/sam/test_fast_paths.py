@@ -56,6 +56,14 @@ def test_attention_impls_match_reference_fp32(impl, b, nh, c, grid, table) -> No
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
 
 
+def test_flex_refuses_to_train_on_cpu() -> None:
+    """PyTorch has no FlexAttention backward on the CPU: a clear error, not a deep traceback."""
+    q, k, v = (torch.randn(1, 2, 16, 8, requires_grad=True) for _ in range(3))
+    rel = torch.randn(7, 8)
+    with pytest.raises(ConfigError, match="only train on CUDA"):
+        rel_pos_attention(q, k, v, 8**-0.5, rel, rel, (4, 4), (4, 4), impl="flex")
+
+
 def test_folded_logits_equal_biased_logits() -> None:
     """q' . k' reproduces SAM's biased logits exactly, and the head dim is padded to 8."""
     g = torch.Generator().manual_seed(1)

@@ -3,7 +3,8 @@
 
 Default (CPU, e.g. 2 cores): ViT-B encoder at 1024 px (3 rounds), the adapter training step of
 ViT-B at ``--train-img-size`` (default 512 px, batch 2) and prompt latency of ViT-B. ``--gpu``
-uses the sizes of the issue's targets (ViT-B batch 8 training, more rounds, ViT-H encoder).
+uses the sizes of the issue's targets (ViT-B batch 8 training, more rounds, ViT-H encoder), then
+compares the attention implementations (``flex`` vs ``sdpa_folded``) and adds ``step_cost.py``.
 ``--quick`` runs the tiny test model only (a smoke run, seconds).
 
     python benchmarks/run_all.py --device cpu --threads 2 --out docs/benchmarks-cpu.md
@@ -22,6 +23,7 @@ from pathlib import Path
 import bench_encoder
 import bench_prompt
 import bench_train_step
+import step_cost
 from _common import run_cli
 
 
@@ -57,6 +59,24 @@ def plan(args: argparse.Namespace) -> list[tuple[str, object, list[str]]]:
                 [*common, "--backbone", "vit_h", "--batch", "4", "--iters", "5", "--warmup", "2"],
             ),
             ("prompt vit_b", bench_prompt, [*common, "--backbone", "vit_b", "--iters", "100"]),
+            (
+                "encoder vit_b attention",
+                bench_encoder,
+                [*common, "--backbone", "vit_b", *enc, "--medsa"]
+                + ["sdpa_folded:bf16", "flex:bf16", "sdpa_bias:bf16"],
+            ),
+            (
+                "train vit_b flex",
+                bench_train_step,
+                [*common, "--backbone", "vit_b", "--batch", "8", "--iters", "10", "--warmup", "2"]
+                + ["--no-reference", "--medsa", "flex:bf16", "flex:bf16:ckpt"],
+            ),
+            ("cost vit_b", step_cost, [*common, "--backbone", "vit_b"]),
+            (
+                "cost vit_h",
+                step_cost,
+                [*common, "--backbone", "vit_h", "--target-batch", "4", "--target-img-s", "25"],
+            ),
         ]
     return [
         (

@@ -10,6 +10,7 @@ import torch
 
 from medsa.engine.perf import autocast_context, set_attention_impl, set_grad_checkpointing
 from medsa.errors import ConfigError
+from medsa.sam import fast_attention
 from medsa.sam.build import build_sam
 from medsa.sam.fast_attention import (
     ATTENTION_IMPLS,
@@ -54,6 +55,53 @@ def test_attention_impls_match_reference_fp32(impl, b, nh, c, grid, table) -> No
     out = rel_pos_attention(q, k, v, scale, rel_h, rel_w, grid, grid, impl=impl)
     assert out.shape == ref.shape and out.dtype == torch.float32
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_sdpa_bias_in_query_blocks_matches_reference(monkeypatch) -> None:
+    """The block-wise bias (forced into 3 uneven blocks here) gives the reference outputs and the
+    explicit path's gradients."""
+    monkeypatch.setattr(fast_attention, "_BIAS_BLOCK_ELEMS", 2 * 2 * 30 * 35)  # 35 queries/block
+    g = torch.Generator().manual_seed(4)
+    grid = (10, 9)  # 90 queries: blocks of 35, 35, 20
+    q, k, v = (torch.randn(2, 2, 90, 8, generator=g, requires_grad=True) for _ in range(3))
+    rel_h = (torch.randn(19, 8, generator=g) * 0.5).requires_grad_()
+    rel_w = (torch.randn(17, 8, generator=g) * 0.5).requires_grad_()
+    args = (q, k, v, 8**-0.5, rel_h, rel_w, grid, grid)
+    out = rel_pos_attention(*args, impl="sdpa_bias")
+    ref = rel_pos_attention(*args, impl="explicit")
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    gout = torch.randn_like(out)
+    leaves = (q, k, v, rel_h, rel_w)
+    for a, b in zip(
+        torch.autograd.grad(out, leaves, gout), torch.autograd.grad(ref, leaves, gout), strict=True
+    ):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_auto_picks_by_device_grad_and_amx(monkeypatch) -> None:
+    """ "auto": block-wise bias for CPU inference without AMX, the folded path otherwise."""
+    chosen: list[str] = []
+    for name in ("sdpa_bias", "sdpa_folded"):
+        orig = fast_attention._IMPLS[name]
+        monkeypatch.setitem(
+            fast_attention._IMPLS, name, lambda *a, _n=name, _o=orig: (chosen.append(_n), _o(*a))[1]
+        )
+    q, k, v = (torch.randn(1, 2, 16, 8) for _ in range(3))
+    rel = torch.randn(7, 8)
+
+    def pick(amx: bool, grad: bool) -> str:
+        monkeypatch.setattr(fast_attention, "_cpu_has_amx", lambda: amx)
+        qq = q.clone().requires_grad_(grad)
+        rel_pos_attention(qq, k, v, 8**-0.5, rel, rel, (4, 4), (4, 4), impl="auto")
+        return chosen[-1]
+
+    assert pick(amx=False, grad=False) == "sdpa_bias"
+    assert pick(amx=False, grad=True) == "sdpa_folded"
+    assert pick(amx=True, grad=False) == "sdpa_folded"
+    with torch.no_grad():  # no autograd recording: inference even for a grad-requiring input
+        assert pick(amx=False, grad=True) == "sdpa_bias"
+    assert fast_attention.default_attention_impl("cuda", grad=False) == "sdpa_folded"
+    assert build_sam("vit_tiny").image_encoder.blocks[0].attn.attention_impl == "auto"
 
 
 def test_flex_refuses_to_train_on_cpu() -> None:

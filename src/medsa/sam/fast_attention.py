@@ -11,9 +11,10 @@ with ``n = (h(n), w(n))`` a query token and ``m`` a key token on a ``(k_h, k_w)`
     The reference the others are tested against; memory ``O(N * M)`` per head in the logits dtype
     (under CUDA autocast the softmax even runs in fp32).
 ``"sdpa_bias"``
-    Builds the ``(N, M)`` bias and passes it as an additive ``attn_mask`` to
-    :func:`torch.nn.functional.scaled_dot_product_attention`. Avoids the fp32 softmax but still
-    materialises a bias of the full attention size, which rules out the flash kernel on CUDA.
+    Builds the bias for a block of queries at a time (at most ``2**24`` elements) and passes it
+    as an additive ``attn_mask`` to :func:`torch.nn.functional.scaled_dot_product_attention`.
+    Avoids the fp32 softmax and keeps SAM's head dim, but the bias rules out the flash kernel
+    on CUDA and training keeps every block's bias for the backward pass.
 ``"sdpa_folded"``
     Folds the bias into augmented queries and keys so that a *plain* SDPA call (no mask, ``scale=1``)
     computes exactly the same logits::
@@ -33,6 +34,8 @@ with ``n = (h(n), w(n))`` a query token and ``m`` a key token on a ``(k_h, k_w)`
     size ``N * M``. Training needs CUDA (PyTorch has no FlexAttention backward on the CPU); the
     first call per shape compiles (seconds).
 
+``"auto"`` (the default) picks one of these per call: :func:`default_attention_impl`.
+
 All functions take ``q, k, v`` of shape ``(B, nH, N, C)`` (``N = q_h * q_w``, ``M = k_h * k_w``) and
 return ``(B, nH, N, C)``. They are pure functions of their inputs (no caches, no global state).
 """
@@ -47,8 +50,8 @@ import torch.nn.functional as F
 
 from ..errors import ConfigError
 
-AttentionImpl = Literal["explicit", "sdpa_bias", "sdpa_folded", "flex"]
-ATTENTION_IMPLS: tuple[str, ...] = ("explicit", "sdpa_bias", "sdpa_folded", "flex")
+AttentionImpl = Literal["auto", "explicit", "sdpa_bias", "sdpa_folded", "flex"]
+ATTENTION_IMPLS: tuple[str, ...] = ("auto", "explicit", "sdpa_bias", "sdpa_folded", "flex")
 
 # Fused SDPA kernels want head dims that are a multiple of 8 (16-byte aligned rows in bf16/fp16).
 _HEAD_DIM_ALIGN = 8
@@ -144,6 +147,11 @@ def attention_explicit(
     return attn.softmax(dim=-1) @ v
 
 
+# Largest bias block (elements) built at once by "sdpa_bias": 16M = 32 MB in bf16. Smaller
+# blocks also ran faster on the CPU (cache-resident bias; docs/performance.md).
+_BIAS_BLOCK_ELEMS = 1 << 24
+
+
 def attention_sdpa_bias(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -154,15 +162,28 @@ def attention_sdpa_bias(
     q_size: tuple[int, int] | None = None,
     k_size: tuple[int, int] | None = None,
 ) -> torch.Tensor:
-    """SDPA with the rel-pos bias materialised as an additive ``(B, nH, N, M)`` mask."""
+    """SDPA with the rel-pos bias as an additive mask, built for a block of queries at a time.
+
+    Each block's ``(B, nH, n_block, M)`` bias has at most ``2**24`` elements, so the full
+    ``(N, M)`` bias never exists at once (in training every block's bias is still kept for
+    the backward pass).
+    """
     if rel_pos_h is None or rel_pos_w is None:
         return F.scaled_dot_product_attention(q, k, v, scale=scale)
     assert q_size is not None and k_size is not None
     _check(q, k, v, q_size, k_size)
     rel_h, rel_w = rel_pos_terms(q, rel_pos_h, rel_pos_w, q_size, k_size)
     b, nh, n, _ = q.shape
-    bias = (rel_h[..., :, None] + rel_w[..., None, :]).reshape(b, nh, n, k.shape[2])
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype), scale=scale)
+    m = k.shape[2]
+    rel_h = rel_h.reshape(b, nh, n, k_size[0], 1)
+    rel_w = rel_w.reshape(b, nh, n, 1, k_size[1])
+    block = max(1, _BIAS_BLOCK_ELEMS // max(1, b * nh * m))
+    outs = []
+    for i in range(0, n, block):
+        sl = slice(i, i + block)
+        bias = (rel_h[:, :, sl] + rel_w[:, :, sl]).reshape(b, nh, -1, m).to(q.dtype)
+        outs.append(F.scaled_dot_product_attention(q[:, :, sl], k, v, attn_mask=bias, scale=scale))
+    return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
 
 
 def _pad_last(x: torch.Tensor, size: int) -> torch.Tensor:
@@ -289,7 +310,7 @@ def rel_pos_attention(
     rel_pos_w: torch.Tensor | None = None,
     q_size: tuple[int, int] | None = None,
     k_size: tuple[int, int] | None = None,
-    impl: str = "sdpa_folded",
+    impl: str = "auto",
 ) -> torch.Tensor:
     """Dispatch to one implementation; all are numerically equivalent (see tests).
 
@@ -303,6 +324,10 @@ def rel_pos_attention(
     Returns:
         ``(B, nH, N, C)``.
     """
+    if impl == "auto":
+        tensors = (q, k, v, rel_pos_h, rel_pos_w)
+        grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+        impl = default_attention_impl(q.device, grad=grad)
     try:
         fn = _IMPLS[impl]
     except KeyError:
@@ -312,12 +337,26 @@ def rel_pos_attention(
     return fn(q, k, v, scale, rel_pos_h, rel_pos_w, q_size, k_size)
 
 
-def default_attention_impl(device: torch.device | str | None = None) -> str:
-    """The implementation to use by default on ``device``.
+def default_attention_impl(device: torch.device | str, *, grad: bool) -> str:
+    """The implementation ``"auto"`` picks for a call on ``device`` (with or without autograd).
 
-    ``"sdpa_folded"`` is exact (fp32 error ~1e-6, tested), was the fastest variant in every CPU
-    measurement (inference and training, fp32 and bf16; docs/performance.md) and is the only one
-    that can use the flash kernel on CUDA, so it is the default everywhere; the argument exists so
-    that a platform where this changes can be special-cased in one place.
+    ``"sdpa_folded"`` everywhere (exact, no ``(N, M)`` tensor, flash-kernel eligible, fastest in
+    every training measurement), except CPU *inference* on a CPU without AMX, where the fused
+    CPU kernel is slow at the folded head dim (192 for the global blocks) and the block-wise
+    ``"sdpa_bias"`` at SAM's head dim measured 1.2-1.8x faster per global block (AMD EPYC with
+    AVX512-BF16, bf16 and fp32); with AMX (Intel Sapphire Rapids and later) ``"sdpa_folded"``
+    was the faster one. Numbers: docs/performance.md.
     """
+    if torch.device(device).type == "cpu" and not grad and not _cpu_has_amx():
+        return "sdpa_bias"
     return "sdpa_folded"
+
+
+@functools.cache
+def _cpu_has_amx() -> bool:
+    """Whether the CPU reports AMX-BF16 (Linux ``/proc/cpuinfo``; False where unknown)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            return any(line.startswith("flags") and "amx_bf16" in line.split() for line in f)
+    except OSError:
+        return False

@@ -21,7 +21,6 @@ from ..errors import ConfigError
 from .common import LayerNorm2d, MLPBlock
 from .fast_attention import (
     ATTENTION_IMPLS,
-    default_attention_impl,
     get_rel_pos,
     rel_pos_attention,
 )
@@ -57,9 +56,10 @@ class ViTConfig:
     window_size: int = 14
     global_attn_indexes: tuple[int, ...] = (2, 5, 8, 11)
     layer_norm_eps: float = 1e-6
-    # "sdpa_folded" (rel-pos bias folded into q/k, fused SDPA kernels), "sdpa_bias" (bias as
-    # attn_mask) or "explicit" (segment-anything's math); see medsa.sam.fast_attention.
-    attention_impl: str = default_attention_impl()
+    # "auto" (per call: see fast_attention.default_attention_impl), "sdpa_folded" (rel-pos bias
+    # folded into q/k, fused SDPA kernels), "sdpa_bias" (bias as attn_mask, block-wise),
+    # "explicit" (segment-anything's math) or "flex" (FlexAttention); see medsa.sam.fast_attention.
+    attention_impl: str = "auto"
 
     @property
     def embedding_size(self) -> int:
@@ -163,7 +163,7 @@ class Attention(nn.Module):
         qkv_bias: bool = True,
         use_rel_pos: bool = False,
         input_size: tuple[int, int] | None = None,
-        attention_impl: str = default_attention_impl(),
+        attention_impl: str = "auto",
     ) -> None:
         super().__init__()
         if attention_impl not in ATTENTION_IMPLS:
@@ -251,7 +251,7 @@ class Block(nn.Module):
         use_rel_pos: bool = False,
         window_size: int = 0,
         input_size: tuple[int, int] | None = None,
-        attention_impl: str = default_attention_impl(),
+        attention_impl: str = "auto",
     ) -> None:
         super().__init__()
         self.norm1 = norm_layer(dim)

@@ -207,6 +207,38 @@ def test_predict_shapes_and_multimask(client):
     assert len(one["masks"]) == 1
 
 
+def test_bfloat16_model_predicts_like_fp32(tiny_model, roots):
+    """`medsa serve --precision bf16` serves a bfloat16 copy of the model: same API, masks that
+    agree with the fp32 model's on nearly every pixel."""
+    import copy
+
+    import numpy as np
+    import torch
+    from fastapi.testclient import TestClient
+
+    from medsa.serve.app import create_app
+    from medsa.serve.service import ServeConfig
+
+    areas = []
+    for model in (tiny_model, copy.deepcopy(tiny_model).to(torch.bfloat16)):
+        app = create_app(model, ServeConfig(roots=(roots["root"],), output_dir=roots["out"]))
+        try:
+            with TestClient(app, base_url="http://127.0.0.1", headers={"X-Medsa": "1"}) as c:
+                img = _open(c, "rgb.png")
+                r = c.post(
+                    "/api/predict",
+                    json={"image": img["id"], "points": [[40, 30, 1]], "box": [20, 15, 60, 45]},
+                )
+                assert r.status_code == 200, r.text
+                rle = r.json()["masks"][0]["rle"]
+                areas.append(np.repeat(np.arange(len(rle)) % 2, rle).astype(bool))
+        finally:
+            app.state.service.close()
+    assert 0 < areas[0].sum() < areas[0].size  # a real mask, not an empty or full one
+    agree = (areas[0] == areas[1]).mean()
+    assert agree > 0.97, agree
+
+
 # ------------------------------------------------------------------------------------ caching
 
 

@@ -26,6 +26,7 @@ def test_help_lists_options(capsys):
         "--host",
         "--port",
         "--device",
+        "--precision",
     ):
         assert opt in out
 
@@ -51,6 +52,24 @@ def test_user_errors_exit_1_without_traceback(tmp_path, capsys, argv, message):
     err = capsys.readouterr().err
     assert code == 1
     assert message in err and "Traceback" not in err
+
+
+def test_precision_bf16_casts_the_model_or_refuses(monkeypatch):
+    """--precision bf16 gives a bfloat16 model where bf16 is native, a clear refusal elsewhere."""
+    import torch
+
+    from medsa.engine import perf
+    from medsa.errors import ConfigError
+    from medsa.serve.cli import build_model
+
+    fp32 = build_model("vit_tiny", None, None, "cpu")
+    assert next(fp32.parameters()).dtype == torch.float32
+    monkeypatch.setattr(perf, "supports_bf16", lambda device: True)
+    bf16 = build_model("vit_tiny", None, None, "cpu", "bf16")
+    assert {p.dtype for p in bf16.parameters()} == {torch.bfloat16}
+    monkeypatch.setattr(perf, "supports_bf16", lambda device: False)
+    with pytest.raises(ConfigError, match="no native bfloat16"):
+        build_model("vit_tiny", None, None, "cpu", "bf16")
 
 
 @pytest.mark.slow

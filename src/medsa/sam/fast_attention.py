@@ -37,7 +37,9 @@ with ``n = (h(n), w(n))`` a query token and ``m`` a key token on a ``(k_h, k_w)`
 ``"auto"`` (the default) picks one of these per call: :func:`default_attention_impl`.
 
 All functions take ``q, k, v`` of shape ``(B, nH, N, C)`` (``N = q_h * q_w``, ``M = k_h * k_w``) and
-return ``(B, nH, N, C)``. They are pure functions of their inputs (no caches, no global state).
+return ``(B, nH, N, C)``. They are pure functions of their inputs; the only process-wide state is
+the ``torch.compile`` wrapper of FlexAttention (built on first use) and the CPU's AMX flag (read
+once).
 """
 
 from __future__ import annotations

@@ -247,8 +247,9 @@ class Attention(nn.Module):
 
         ``s Q_h (x Wk_h + bk_h)^T = (s Q_h Wk_h^T) x^T + s Q_h bk_h^T``; the last term is the
         same for every key of a row (it cancels in the softmax but is kept, so that the key bias
-        stays in the autograd graph, as DDP expects). As the attention rows sum to one, ``P_h (x Wv_h + bv_h) = (P_h x) Wv_h + bv_h``: the image tokens are only multiplied
-        by ``(nH*T, C)`` matrices.
+        stays in the autograd graph, as DDP expects). As the attention rows sum to one,
+        ``P_h (x Wv_h + bv_h) = (P_h x) Wv_h + bv_h``: the image tokens are only multiplied by
+        ``(nH*T, C)`` matrices.
         """
         b, t, h = q.shape[0], q.shape[1], self.num_heads
         d = self.internal_dim // h

@@ -107,3 +107,19 @@ def test_step_cost_counts_flops_and_memory() -> None:
     fp32, ckpt = rows["sdpa_folded | fp32 | no"], rows["sdpa_folded | bf16 | yes"]
     assert ckpt["saved_bytes_per_image"] < fp32["saved_bytes_per_image"]
     assert ckpt["flops_per_image"] > fp32["flops_per_image"]
+
+
+def test_gpu_plan_arguments_parse() -> None:
+    """The --gpu plan cannot run here, but every run in it must at least parse (no rot)."""
+    import argparse
+
+    import run_all
+
+    args = argparse.Namespace(
+        device="cuda", threads=None, quick=False, gpu=True, iters=3, train_img_size=512
+    )
+    runs = run_all.plan(args)
+    labels = [label for label, _, _ in runs]
+    assert "encoder vit_b attention" in labels and "cost vit_h" in labels
+    for _, module, argv in runs:
+        module.build_parser().parse_args(argv)

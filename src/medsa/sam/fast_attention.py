@@ -37,7 +37,9 @@ with ``n = (h(n), w(n))`` a query token and ``m`` a key token on a ``(k_h, k_w)`
 ``"auto"`` (the default) picks one of these per call: :func:`default_attention_impl`.
 
 All functions take ``q, k, v`` of shape ``(B, nH, N, C)`` (``N = q_h * q_w``, ``M = k_h * k_w``) and
-return ``(B, nH, N, C)``. They are pure functions of their inputs; the only process-wide state is
+return ``(B, nH, N, C)``. :func:`rel_pos_attention` is the entry point: it checks the shapes once
+and runs plain SDPA when there is no bias, so the fused variants only handle the biased case.
+They are pure functions of their inputs; the only process-wide state is
 the ``torch.compile`` wrapper of FlexAttention (built on first use) and the CPU's AMX flag (read
 once).
 """
@@ -159,10 +161,10 @@ def attention_sdpa_bias(
     k: torch.Tensor,
     v: torch.Tensor,
     scale: float,
-    rel_pos_h: torch.Tensor | None = None,
-    rel_pos_w: torch.Tensor | None = None,
-    q_size: tuple[int, int] | None = None,
-    k_size: tuple[int, int] | None = None,
+    rel_pos_h: torch.Tensor,
+    rel_pos_w: torch.Tensor,
+    q_size: tuple[int, int],
+    k_size: tuple[int, int],
 ) -> torch.Tensor:
     """SDPA with the rel-pos bias as an additive mask, built for a block of queries at a time.
 
@@ -170,10 +172,6 @@ def attention_sdpa_bias(
     ``(N, M)`` bias never exists at once (in training every block's bias is still kept for
     the backward pass).
     """
-    if rel_pos_h is None or rel_pos_w is None:
-        return F.scaled_dot_product_attention(q, k, v, scale=scale)
-    assert q_size is not None and k_size is not None
-    _check(q, k, v, q_size, k_size)
     rel_h, rel_w = rel_pos_terms(q, rel_pos_h, rel_pos_w, q_size, k_size)
     b, nh, n, _ = q.shape
     m = k.shape[2]
@@ -228,20 +226,16 @@ def attention_sdpa_folded(
     k: torch.Tensor,
     v: torch.Tensor,
     scale: float,
-    rel_pos_h: torch.Tensor | None = None,
-    rel_pos_w: torch.Tensor | None = None,
-    q_size: tuple[int, int] | None = None,
-    k_size: tuple[int, int] | None = None,
+    rel_pos_h: torch.Tensor,
+    rel_pos_w: torch.Tensor,
+    q_size: tuple[int, int],
+    k_size: tuple[int, int],
 ) -> torch.Tensor:
     """SDPA without mask: rel-pos bias folded into augmented ``q, k`` (see module docstring).
 
     ``v`` is zero-padded to the augmented head dim as well, because the flash kernels require
     ``q, k, v`` to share one head dim; the padded output channels are dropped.
     """
-    if rel_pos_h is None or rel_pos_w is None:
-        return F.scaled_dot_product_attention(q, k, v, scale=scale)
-    assert q_size is not None and k_size is not None
-    _check(q, k, v, q_size, k_size)
     q_aug, k_aug = folded_qk(q, k, scale, rel_pos_h, rel_pos_w, q_size, k_size)
     c = v.shape[-1]
     v_aug = _pad_last(v, q_aug.shape[-1])
@@ -264,16 +258,12 @@ def attention_flex(
     k: torch.Tensor,
     v: torch.Tensor,
     scale: float,
-    rel_pos_h: torch.Tensor | None = None,
-    rel_pos_w: torch.Tensor | None = None,
-    q_size: tuple[int, int] | None = None,
-    k_size: tuple[int, int] | None = None,
+    rel_pos_h: torch.Tensor,
+    rel_pos_w: torch.Tensor,
+    q_size: tuple[int, int],
+    k_size: tuple[int, int],
 ) -> torch.Tensor:
     """FlexAttention with the decomposed rel-pos bias added in a ``score_mod`` (module docstring)."""
-    if rel_pos_h is None or rel_pos_w is None:
-        return F.scaled_dot_product_attention(q, k, v, scale=scale)
-    assert q_size is not None and k_size is not None
-    _check(q, k, v, q_size, k_size)
     if (
         q.device.type == "cpu"
         and torch.is_grad_enabled()
@@ -336,6 +326,13 @@ def rel_pos_attention(
         raise ConfigError(
             f"attention_impl must be one of {ATTENTION_IMPLS}, got {impl!r}"
         ) from None
+    if rel_pos_h is None or rel_pos_w is None:  # no bias: every fused variant is plain SDPA
+        if fn is attention_explicit:
+            return attention_explicit(q, k, v, scale)
+        return F.scaled_dot_product_attention(q, k, v, scale=scale)
+    if q_size is None or k_size is None:
+        raise ValueError("q_size and k_size are required with a relative-position bias")
+    _check(q, k, v, q_size, k_size)
     return fn(q, k, v, scale, rel_pos_h, rel_pos_w, q_size, k_size)
 
 

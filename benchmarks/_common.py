@@ -15,11 +15,11 @@ import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
+from reference_medsa import reference_encoder
 from torch import nn
 
 from medsa.engine.perf import PeakMemory, resolve_device, synchronize
@@ -114,28 +114,6 @@ def randomize_(model: nn.Module, seed: int) -> None:
         for name, p in model.named_parameters():
             if "rel_pos" in name or "pos_embed" in name:
                 p.copy_(torch.randn(p.shape, generator=g) * 0.05)
-
-
-def reference_encoder(cfg: ViTConfig) -> nn.Module:
-    """Meta's ``segment_anything`` ImageEncoderViT with the same hyper-parameters as ``cfg``."""
-    from segment_anything.modeling.image_encoder import ImageEncoderViT as SAEncoder
-
-    return SAEncoder(
-        img_size=cfg.img_size,
-        patch_size=cfg.patch_size,
-        in_chans=cfg.in_chans,
-        embed_dim=cfg.embed_dim,
-        depth=cfg.depth,
-        num_heads=cfg.num_heads,
-        mlp_ratio=cfg.mlp_ratio,
-        out_chans=cfg.out_chans,
-        qkv_bias=cfg.qkv_bias,
-        norm_layer=partial(nn.LayerNorm, eps=cfg.layer_norm_eps),
-        use_abs_pos=cfg.use_abs_pos,
-        use_rel_pos=cfg.use_rel_pos,
-        window_size=cfg.window_size,
-        global_attn_indexes=cfg.global_attn_indexes,
-    )
 
 
 def encoder_pair(cfg: ViTConfig, seed: int) -> tuple[ImageEncoderViT, nn.Module]:

@@ -76,10 +76,32 @@ class RefAdapterBlock(nn.Module):
         return x + self.mlp(xn) + self.scale * self.MLP_Adapter(xn)
 
 
+def reference_encoder(cfg) -> nn.Module:
+    """Meta's ``segment_anything`` ImageEncoderViT with the same hyper-parameters as
+    ``cfg`` (a medsa ``ViTConfig``)."""
+    from segment_anything.modeling.image_encoder import ImageEncoderViT as SAEncoder
+
+    return SAEncoder(
+        img_size=cfg.img_size,
+        patch_size=cfg.patch_size,
+        in_chans=cfg.in_chans,
+        embed_dim=cfg.embed_dim,
+        depth=cfg.depth,
+        num_heads=cfg.num_heads,
+        mlp_ratio=cfg.mlp_ratio,
+        out_chans=cfg.out_chans,
+        qkv_bias=cfg.qkv_bias,
+        norm_layer=partial(nn.LayerNorm, eps=cfg.layer_norm_eps),
+        use_abs_pos=cfg.use_abs_pos,
+        use_rel_pos=cfg.use_rel_pos,
+        window_size=cfg.window_size,
+        global_attn_indexes=cfg.global_attn_indexes,
+    )
+
+
 def reference_sam(sam_config) -> nn.Module:
     """Meta's ``Sam`` with the hyper-parameters of a medsa :class:`~medsa.sam.build.SamConfig`."""
     from segment_anything.modeling import (
-        ImageEncoderViT,
         MaskDecoder,
         PromptEncoder,
         Sam,
@@ -89,22 +111,7 @@ def reference_sam(sam_config) -> nn.Module:
     enc = sam_config.encoder
     emb = enc.img_size // enc.patch_size
     return Sam(
-        image_encoder=ImageEncoderViT(
-            img_size=enc.img_size,
-            patch_size=enc.patch_size,
-            in_chans=enc.in_chans,
-            embed_dim=enc.embed_dim,
-            depth=enc.depth,
-            num_heads=enc.num_heads,
-            mlp_ratio=enc.mlp_ratio,
-            out_chans=enc.out_chans,
-            qkv_bias=enc.qkv_bias,
-            norm_layer=partial(nn.LayerNorm, eps=enc.layer_norm_eps),
-            use_abs_pos=enc.use_abs_pos,
-            use_rel_pos=enc.use_rel_pos,
-            window_size=enc.window_size,
-            global_attn_indexes=enc.global_attn_indexes,
-        ),
+        image_encoder=reference_encoder(enc),
         prompt_encoder=PromptEncoder(
             embed_dim=sam_config.prompt_embed_dim,
             image_embedding_size=(emb, emb),

@@ -39,26 +39,34 @@ def randomise(module: nn.Module, seed: int = 0) -> None:
                 p.copy_(noise * 0.5)
 
 
+def meta_encoder(cfg) -> nn.Module:
+    """segment_anything's ImageEncoderViT with the architecture of a medsa ViTConfig."""
+    sm = pytest.importorskip("segment_anything.modeling")
+    return sm.ImageEncoderViT(
+        img_size=cfg.img_size,
+        patch_size=cfg.patch_size,
+        in_chans=cfg.in_chans,
+        embed_dim=cfg.embed_dim,
+        depth=cfg.depth,
+        num_heads=cfg.num_heads,
+        mlp_ratio=cfg.mlp_ratio,
+        out_chans=cfg.out_chans,
+        qkv_bias=cfg.qkv_bias,
+        norm_layer=partial(nn.LayerNorm, eps=cfg.layer_norm_eps),
+        use_abs_pos=cfg.use_abs_pos,
+        use_rel_pos=cfg.use_rel_pos,
+        window_size=cfg.window_size,
+        global_attn_indexes=cfg.global_attn_indexes,
+    )
+
+
 def meta_sam(config) -> nn.Module:
     """segment_anything.modeling.Sam with the architecture described by a medsa SamConfig."""
     sm = pytest.importorskip("segment_anything.modeling")
     enc = config.encoder
     emb = enc.img_size // enc.patch_size
     return sm.Sam(
-        image_encoder=sm.ImageEncoderViT(
-            img_size=enc.img_size,
-            patch_size=enc.patch_size,
-            embed_dim=enc.embed_dim,
-            depth=enc.depth,
-            num_heads=enc.num_heads,
-            mlp_ratio=enc.mlp_ratio,
-            out_chans=enc.out_chans,
-            qkv_bias=enc.qkv_bias,
-            norm_layer=partial(nn.LayerNorm, eps=1e-6),
-            use_rel_pos=enc.use_rel_pos,
-            window_size=enc.window_size,
-            global_attn_indexes=enc.global_attn_indexes,
-        ),
+        image_encoder=meta_encoder(enc),
         prompt_encoder=sm.PromptEncoder(
             embed_dim=config.prompt_embed_dim,
             image_embedding_size=(emb, emb),

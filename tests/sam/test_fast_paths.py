@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from sam_helpers import meta_encoder
 
 from medsa.engine.perf import autocast_context, set_attention_impl, set_grad_checkpointing
 from medsa.errors import ConfigError
@@ -156,8 +157,6 @@ def test_unknown_impl_is_rejected() -> None:
 
 def _tiny_pair(seed: int = 0) -> tuple[ImageEncoderViT, torch.nn.Module]:
     """medsa vit_tiny encoder and segment-anything's encoder with the same random weights."""
-    from functools import partial
-
     cfg = VIT_PRESETS["vit_tiny"]
     torch.manual_seed(seed)
     ours = ImageEncoderViT(cfg).eval()
@@ -165,21 +164,7 @@ def _tiny_pair(seed: int = 0) -> tuple[ImageEncoderViT, torch.nn.Module]:
         for name, p in ours.named_parameters():
             if "rel_pos" in name or "pos_embed" in name:
                 p.normal_(0, 0.5)
-    ref = sa_enc.ImageEncoderViT(
-        img_size=cfg.img_size,
-        patch_size=cfg.patch_size,
-        embed_dim=cfg.embed_dim,
-        depth=cfg.depth,
-        num_heads=cfg.num_heads,
-        mlp_ratio=cfg.mlp_ratio,
-        out_chans=cfg.out_chans,
-        qkv_bias=cfg.qkv_bias,
-        norm_layer=partial(torch.nn.LayerNorm, eps=1e-6),
-        use_abs_pos=cfg.use_abs_pos,
-        use_rel_pos=cfg.use_rel_pos,
-        window_size=cfg.window_size,
-        global_attn_indexes=cfg.global_attn_indexes,
-    ).eval()
+    ref = meta_encoder(cfg).eval()
     ref.load_state_dict(ours.state_dict(), strict=True)
     return ours, ref
 

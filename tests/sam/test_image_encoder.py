@@ -3,33 +3,15 @@
 from __future__ import annotations
 
 from dataclasses import replace
-from functools import partial
 
 import pytest
 import torch
-from sam_helpers import randomise
+from sam_helpers import meta_encoder, randomise
 from torch import nn
 
-from medsa.sam.image_encoder import VIT_PRESETS, Block, ImageEncoderViT, ViTConfig
+from medsa.sam.image_encoder import VIT_PRESETS, Block, ImageEncoderViT
 
 sam_modeling = pytest.importorskip("segment_anything.modeling")
-
-
-def meta_encoder(cfg: ViTConfig) -> nn.Module:
-    return sam_modeling.ImageEncoderViT(
-        img_size=cfg.img_size,
-        patch_size=cfg.patch_size,
-        embed_dim=cfg.embed_dim,
-        depth=cfg.depth,
-        num_heads=cfg.num_heads,
-        mlp_ratio=cfg.mlp_ratio,
-        out_chans=cfg.out_chans,
-        qkv_bias=cfg.qkv_bias,
-        norm_layer=partial(nn.LayerNorm, eps=1e-6),
-        use_rel_pos=cfg.use_rel_pos,
-        window_size=cfg.window_size,
-        global_attn_indexes=cfg.global_attn_indexes,
-    )
 
 
 @pytest.fixture(scope="module")

@@ -150,6 +150,22 @@ class Result:
     def throughput(self) -> float:
         return self.items_per_call / self.median_s if self.seconds else float("nan")
 
+    def to_json(self) -> dict[str, Any]:
+        """The row as written to ``--json``: raw timings, throughput, peak memory, extras."""
+        return {
+            "name": self.name,
+            "seconds": self.seconds,
+            "cpu_seconds": self.cpu_seconds,
+            "img_per_s": self.throughput,
+            "peak_bytes": self.peak_bytes,
+            **self.extra,
+        }
+
+
+def args_json(args: argparse.Namespace) -> dict[str, str]:
+    """Command-line arguments as strings, recorded in every ``--json`` payload."""
+    return {k: str(v) for k, v in vars(args).items()}
+
 
 def round_robin(
     fns: dict[str, Callable[[], object]],

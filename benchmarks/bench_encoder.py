@@ -19,6 +19,7 @@ import copy
 import torch
 from _common import (
     add_common_args,
+    args_json,
     emit,
     encoder_pair,
     environment,
@@ -133,18 +134,8 @@ def main(argv: list[str] | None = None) -> dict:
         f"median of {args.iters}"
     )
     payload = {
-        "args": {k: str(v) for k, v in vars(args).items()},
-        "rows": [
-            {
-                "name": n,
-                "seconds": r.seconds,
-                "cpu_seconds": r.cpu_seconds,
-                "img_per_s": r.throughput,
-                "peak_bytes": r.peak_bytes,
-                **r.extra,
-            }
-            for n, r in results.items()
-        ],
+        "args": args_json(args),
+        "rows": [r.to_json() for r in results.values()],
     }
     emit(title, markdown_table(headers, rows), env, args, payload)
     return payload

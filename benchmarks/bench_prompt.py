@@ -22,6 +22,7 @@ import torch
 from _common import (
     Result,
     add_common_args,
+    args_json,
     emit,
     environment,
     fmt_ms,
@@ -176,7 +177,7 @@ def main(argv: list[str] | None = None) -> dict:
         f"{cfg.encoder.img_size}px, {n}x{n} image, medsa {args.dtype}, median of {args.iters}"
     )
     payload = {
-        "args": {k: str(v) for k, v in vars(args).items()},
+        "args": args_json(args),
         "rows": [{"name": k, "seconds": r.seconds} for k, r in results.items()],
         "cache": {"hits": p_ours.cache_hits, "misses": p_ours.cache_misses},
     }

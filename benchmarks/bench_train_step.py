@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from _common import (
     add_common_args,
+    args_json,
     emit,
     environment,
     fmt_bytes,
@@ -213,18 +214,9 @@ def main(argv: list[str] | None = None) -> dict:
         f"reference {n_train['reference']:,})"
     )
     payload = {
-        "args": {k: str(v) for k, v in vars(args).items()},
+        "args": args_json(args),
         "trainable_params": n_train,
-        "rows": [
-            {
-                "name": n,
-                "seconds": r.seconds,
-                "cpu_seconds": r.cpu_seconds,
-                "img_per_s": r.throughput,
-                "peak_bytes": r.peak_bytes,
-            }
-            for n, r in results.items()
-        ],
+        "rows": [r.to_json() for r in results.values()],
     }
     emit(title, markdown_table(headers, rows), env, args, payload)
     return payload

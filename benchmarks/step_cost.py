@@ -27,7 +27,16 @@ from __future__ import annotations
 import argparse
 
 import torch
-from _common import add_common_args, emit, environment, fmt_bytes, markdown_table, run_cli, setup
+from _common import (
+    add_common_args,
+    args_json,
+    emit,
+    environment,
+    fmt_bytes,
+    markdown_table,
+    run_cli,
+    setup,
+)
 from bench_train_step import DEFAULT_MEDSA, build_setup, step_functions
 from torch.utils import flop_counter
 
@@ -160,7 +169,7 @@ def main(argv: list[str] | None = None) -> dict:
         f"Training-step cost per image, {args.backbone} @ {st.img_size}px "
         f"(device-independent counts; memory is a floor)"
     )
-    payload = {"args": {k: str(v) for k, v in vars(args).items()}, "rows": payload_rows}
+    payload = {"args": args_json(args), "rows": payload_rows}
     emit(title, markdown_table(headers, rows), environment(device), args, payload)
     return payload
 

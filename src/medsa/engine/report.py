@@ -189,6 +189,14 @@ def _plt():
     return plt
 
 
+def _save(plt, fig, path: str | Path) -> Path:
+    """Lay out, write (100 dpi) and close a figure; returns the path."""
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return Path(path)
+
+
 def plot_class_dice(summary: Mapping[str, Any], path: str | Path, title: str = "") -> Path:
     """Grouped bars: Dice (%) per class, one bar per protocol, error bars = std over seeds."""
     plt = _plt()
@@ -216,10 +224,7 @@ def plot_class_dice(summary: Mapping[str, Any], path: str | Path, title: str = "
     ax.legend(loc="upper center", fontsize=7, ncol=min(len(protocols), 3))
     if title:
         ax.set_title(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return Path(path)
+    return _save(plt, fig, path)
 
 
 def plot_noc(noc: Mapping[str, Sequence[float]], path: str | Path, title: str = "") -> Path:
@@ -237,10 +242,7 @@ def plot_noc(noc: Mapping[str, Sequence[float]], path: str | Path, title: str = 
     ax.legend(fontsize=8)
     if title:
         ax.set_title(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return Path(path)
+    return _save(plt, fig, path)
 
 
 def plot_overlays(items: Sequence[Mapping[str, Any]], path: str | Path) -> Path:
@@ -265,7 +267,4 @@ def plot_overlays(items: Sequence[Mapping[str, Any]], path: str | Path) -> Path:
         ax.axis("off")
     for ax in axes[0][len(items) :]:
         ax.axis("off")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return Path(path)
+    return _save(plt, fig, path)

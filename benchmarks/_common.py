@@ -22,6 +22,7 @@ import torch
 from reference_medsa import reference_encoder
 from torch import nn
 
+from medsa._platform import cpu_flags
 from medsa.engine.perf import PeakMemory, resolve_device, synchronize
 from medsa.sam.image_encoder import VIT_PRESETS, ImageEncoderViT, ViTConfig
 
@@ -69,7 +70,7 @@ def environment(device: torch.device) -> dict[str, Any]:
         "loadavg": " ".join(f"{x:.2f}" for x in os.getloadavg()),
         "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
     }
-    flags = _cpu_flags()
+    flags = cpu_flags()
     info["amx_bf16"] = "amx_bf16" in flags
     info["avx512_bf16"] = "avx512_bf16" in flags
     if device.type == "cuda":
@@ -86,16 +87,6 @@ def _cpu_model() -> str:
     except OSError:
         pass
     return platform.processor() or "unknown"
-
-
-def _cpu_flags() -> set[str]:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
 
 
 def vit_config(backbone: str, img_size: int | None) -> ViTConfig:

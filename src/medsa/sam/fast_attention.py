@@ -52,6 +52,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
+from .._platform import cpu_flags
 from ..errors import ConfigError
 
 AttentionImpl = Literal["auto", "explicit", "sdpa_bias", "sdpa_folded", "flex"]
@@ -351,11 +352,6 @@ def default_attention_impl(device: torch.device | str, *, grad: bool) -> str:
     return "sdpa_folded"
 
 
-@functools.cache
 def _cpu_has_amx() -> bool:
-    """Whether the CPU reports AMX-BF16 (Linux ``/proc/cpuinfo``; False where unknown)."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            return any(line.startswith("flags") and "amx_bf16" in line.split() for line in f)
-    except OSError:
-        return False
+    """Whether the CPU reports AMX-BF16 (False where unknown)."""
+    return "amx_bf16" in cpu_flags()

@@ -106,32 +106,10 @@ def test_multichannel_nifti_is_channel_first(tmp_path):
     np.testing.assert_array_equal(back.array, img.array)
 
 
-def test_dicom_series_roundtrip(tmp_path):
-    import SimpleITK as sitk
-
+def test_dicom_series_roundtrip(tmp_path, write_dicom_series):
     saved_locale = locale.setlocale(locale.LC_ALL)
     arr = _volume(np.int16)
-    vol = sitk.GetImageFromArray(arr)
-    vol.SetSpacing((0.9, 0.7, 2.5))
-    vol.SetOrigin((-10.0, 20.0, 5.5))
-    series = tmp_path / "series"
-    series.mkdir()
-    writer = sitk.ImageFileWriter()
-    writer.KeepOriginalImageUIDOn()
-    for z in range(arr.shape[0]):
-        sl = vol[:, :, z]
-        sl.SetMetaData("0020|000e", "1.2.826.0.1.3680043.2.1125.1.1")  # series instance UID
-        sl.SetMetaData(
-            "0020|0032", "\\".join(map(str, vol.TransformIndexToPhysicalPoint((0, 0, z))))
-        )
-        sl.SetMetaData("0020|0013", str(z))
-        sl.SetMetaData("0020|0037", "1\\0\\0\\0\\1\\0")
-        sl.SetMetaData("0008|0060", "CT")
-        writer.SetFileName(str(series / f"{z:03d}.dcm"))
-        writer.Execute(sl)
-    # GDCM's DICOM writer switches the C locale to "C" (Python's default text encoding then
-    # becomes ASCII for the whole process, which broke later tests): undo it
-    locale.setlocale(locale.LC_ALL, saved_locale)
+    series = write_dicom_series(tmp_path / "series", arr)
     img = read_image(series)
     assert locale.setlocale(locale.LC_ALL) == saved_locale  # reading leaves the locale alone
     assert img.format == "dicom"

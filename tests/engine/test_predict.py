@@ -303,27 +303,11 @@ def test_segment_everything_runs_on_tiny_model(tiny_model):
     assert (np.diff(areas) <= 0).all()  # largest first
 
 
-def test_predict_dicom_series_folder_gives_nifti_with_same_geometry(tmp_path: Path, capsys):
-    sitk = pytest.importorskip("SimpleITK")
+def test_predict_dicom_series_folder_gives_nifti_with_same_geometry(
+    tmp_path: Path, capsys, write_dicom_series
+):
     arr = (np.random.default_rng(0).random((4, 24, 32)) * 1000).astype(np.int16)
-    vol = sitk.GetImageFromArray(arr)
-    vol.SetSpacing((0.9, 0.7, 2.5))
-    vol.SetOrigin((-10.0, 20.0, 5.5))
-    series = tmp_path / "in" / "series"
-    series.mkdir(parents=True)
-    writer = sitk.ImageFileWriter()
-    writer.KeepOriginalImageUIDOn()
-    for z in range(arr.shape[0]):
-        sl = vol[:, :, z]
-        sl.SetMetaData("0020|000e", "1.2.826.0.1.3680043.2.1125.1.2")
-        sl.SetMetaData(
-            "0020|0032", "\\".join(map(str, vol.TransformIndexToPhysicalPoint((0, 0, z))))
-        )
-        sl.SetMetaData("0020|0013", str(z))
-        sl.SetMetaData("0020|0037", "1\\0\\0\\0\\1\\0")
-        sl.SetMetaData("0008|0060", "CT")
-        writer.SetFileName(str(series / f"{z:03d}.dcm"))
-        writer.Execute(sl)
+    series = write_dicom_series(tmp_path / "in" / "series", arr)
     out = tmp_path / "out"
     rc = cli_main(
         [

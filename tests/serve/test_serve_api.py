@@ -386,33 +386,11 @@ def test_save_symlink_in_output_is_refused(client, roots):
     assert target.read_bytes() == b"keep me"
 
 
-def _write_dicom_series(folder: Path, arr: np.ndarray) -> None:
-    import SimpleITK as sitk
-
-    vol = sitk.GetImageFromArray(arr)
-    vol.SetSpacing((0.9, 0.7, 2.5))
-    vol.SetOrigin((-10.0, 20.0, 5.5))
-    folder.mkdir()
-    writer = sitk.ImageFileWriter()
-    writer.KeepOriginalImageUIDOn()
-    for z in range(arr.shape[0]):
-        sl = vol[:, :, z]
-        sl.SetMetaData("0020|000e", "1.2.826.0.1.3680043.2.1125.1.1")
-        sl.SetMetaData(
-            "0020|0032", "\\".join(map(str, vol.TransformIndexToPhysicalPoint((0, 0, z))))
-        )
-        sl.SetMetaData("0020|0013", str(z))
-        sl.SetMetaData("0020|0037", "1\\0\\0\\0\\1\\0")
-        sl.SetMetaData("0008|0060", "CT")
-        writer.SetFileName(str(folder / f"{z:03d}.dcm"))
-        writer.Execute(sl)
-
-
-def test_dicom_series_folder_opens_and_saves_as_nifti(client, roots):
+def test_dicom_series_folder_opens_and_saves_as_nifti(client, roots, write_dicom_series):
     from medsa.data.io import read_image
 
     arr = (np.arange(3 * 12 * 14).reshape(3, 12, 14) * 3 - 200).astype(np.int16)
-    _write_dicom_series(roots["root"] / "series", arr)
+    write_dicom_series(roots["root"] / "series", arr)
     listing = client.get("/api/files", params={"path": "series"}).json()
     assert listing["dicom_series"] is True
     assert client.get("/api/files").json()["dicom_series"] is False

@@ -43,10 +43,5 @@ def randomize():
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
-    """These models are tiny: one intra-op thread is faster than two on a shared 2-core box
-    (measured ~8x under load), and the setting is restored after each test."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+def _one_thread(one_thread):
+    """Every adapter test runs on one thread (tiny models; see ``one_thread``)."""

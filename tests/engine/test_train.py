@@ -27,13 +27,7 @@ from medsa.errors import CheckpointError, ConfigError, DataError
 SIZE = 64
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny models: one thread is faster, and immune to OpenMP spin-waiting on a shared machine.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see the fixture
 
 
 class Rectangles(torch.utils.data.Dataset):

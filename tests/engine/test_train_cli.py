@@ -12,13 +12,7 @@ from PIL import Image
 
 from medsa.cli import main as cli
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see the fixture
 
 
 @pytest.fixture(scope="module")

@@ -66,11 +66,18 @@ def _atomic_write(target: Path, write: Any) -> None:
         raise
 
 
-def save_adapter(model: nn.Module, path: str | Path, backbone: str | None = None) -> Path:
+def save_adapter(
+    model: nn.Module,
+    path: str | Path,
+    backbone: str | None = None,
+    inference: dict[str, Any] | None = None,
+) -> Path:
     """Write the method's tensors to ``<path>.safetensors`` and its description to ``<path>.json``.
 
     The JSON holds the method config, the backbone name (``model.name`` unless ``backbone`` is
-    given) and the medsa version. Both files are written to temporary files first and moved into
+    given), the medsa version and, when given, ``inference``: what inference needs to see the
+    data as training did (depth, resize_to, intensity, classes, ...; written by the trainer, see
+    :func:`medsa.engine.model_loading.inference_meta`; files without it still load). Both files are written to temporary files first and moved into
     place, so an interrupted save never leaves a truncated file behind. Returns the
     ``.safetensors`` path.
     """
@@ -96,6 +103,12 @@ def save_adapter(model: nn.Module, path: str | Path, backbone: str | None = None
         "num_tensors": len(tensors),
         "num_parameters": int(sum(t.numel() for t in tensors.values())),
     }
+    if inference is not None:
+        try:
+            json.dumps(inference)
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"adapter inference settings are not JSON data: {e}") from None
+        meta["inference"] = dict(inference)
     _atomic_write(st_path, lambda tmp: save_file(tensors, tmp, metadata={"format": FORMAT}))
     _atomic_write(json_path, lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=2) + "\n"))
     return st_path

@@ -45,6 +45,10 @@ __all__ = [
     "take_slices",
     "slice_stack",
     "resize_volume",
+    "check_resize_to",
+    "resized_shape",
+    "resize_spatial",
+    "resized_spacing",
     "SamTransform",
 ]
 
@@ -386,6 +390,87 @@ def resize_volume(
     out = out[0, 0] if v.ndim == 3 else out[0]
     r = out.numpy()
     return r if kind == "image" else r.astype(v.dtype)
+
+
+def check_resize_to(
+    resize_to: Sequence[int] | None, dim: int | None = None
+) -> tuple[int, ...] | None:
+    """Validate a ``resize_to`` setting: ``(H, W)`` (2D images, and every slice of a volume
+    in-plane, the slice count kept) or ``(D, H, W)`` (volumes only). ``dim``: 2 or 3 when the
+    data is known. Returns it as a tuple (``None`` stays ``None``).
+
+    Raises:
+        ConfigError: not 2 or 3 positive integers, or ``(D, H, W)`` for 2D data.
+    """
+    if resize_to is None:
+        return None
+    try:
+        t = tuple(int(v) for v in resize_to)
+    except (TypeError, ValueError):
+        raise ConfigError(
+            f"resize_to must be [H, W] or [D, H, W] integers, got {resize_to!r}"
+        ) from None
+    if len(t) not in (2, 3) or min(t) < 1 or any(int(v) != v for v in resize_to):
+        raise ConfigError(
+            f"resize_to must be [H, W] or [D, H, W] positive integers, got {list(resize_to)}"
+        )
+    if len(t) == 3 and dim == 2:
+        raise ConfigError(
+            f"resize_to {list(t)} is (D, H, W) for volumes, but the data is 2D; give [H, W]"
+        )
+    return t
+
+
+def resized_shape(shape: Sequence[int], resize_to: Sequence[int] | None) -> tuple[int, ...]:
+    """Spatial shape ``(H, W)`` / ``(D, H, W)`` after ``resize_to`` (see :func:`check_resize_to`)."""
+    shape = tuple(int(v) for v in shape)
+    r = check_resize_to(resize_to, len(shape))
+    if r is None:
+        return shape
+    return (*shape[:-2], *r) if len(r) == 2 else r
+
+
+def resize_spatial(
+    array: np.ndarray, shape: Sequence[int], *, kind: str = "image", channels_last: bool = False
+) -> np.ndarray:
+    """Resample an image / volume / mask to the spatial ``shape`` (``(H, W)`` or ``(D, H, W)``,
+    as many dims as the array has spatial dims).
+
+    ``kind="image"``: (tri)linear, float32 (``align_corners=False``: the physical extent is kept,
+    so the spacing becomes ``spacing * old / new``); ``"label"``: nearest, dtype kept (bool masks
+    stay bool). ``channels_last``: the last axis holds channels (``(H, W, C)``, ``(D, H, W, C)``).
+    Resampling a prediction back with ``kind="label"`` and the original shape inverts the grid.
+    """
+    a = np.asarray(array)
+    ch = a.shape[-1] if channels_last else None
+    spatial = a.shape[:-1] if channels_last else a.shape
+    shape = tuple(int(v) for v in shape)
+    if len(shape) != len(spatial) or len(shape) not in (2, 3):
+        raise DataError(f"cannot resize spatial shape {spatial} to {shape}")
+    if tuple(spatial) == shape:
+        return a.astype(np.float32) if kind == "image" else a
+    v = np.moveaxis(a, -1, 0) if channels_last else a  # (C, ...) or (...)
+    if len(shape) == 2:  # a 2D image is a one-slice volume resized in-plane
+        v = v[..., None, :, :]
+        shape3 = (1, *shape)
+    else:
+        shape3 = shape
+    lab_bool = kind == "label" and v.dtype == bool
+    out = resize_volume(v.astype(np.uint8) if lab_bool else v, shape3, kind=kind)
+    out = out > 0 if lab_bool else out
+    if len(shape) == 2:
+        out = out[..., 0, :, :]
+    if ch is not None:
+        out = np.moveaxis(out, 0, -1)
+    return np.ascontiguousarray(out)
+
+
+def resized_spacing(
+    spacing: Sequence[float], old_shape: Sequence[int], new_shape: Sequence[int]
+) -> tuple[float, ...]:
+    """Voxel spacing after :func:`resize_spatial` (same physical extent): ``s * old / new`` per
+    axis; ``spacing`` and the shapes in the same axis order."""
+    return tuple(float(s) * o / n for s, o, n in zip(spacing, old_shape, new_shape, strict=True))
 
 
 @dataclass

@@ -71,6 +71,13 @@ class DataSection:
     splits_file: str | None = None  #: JSON written by medsa.data.save_splits (overrides the above)
     image_size: int | None = None  #: encoder input side; None = the backbone's img_size
     depth: int | None = None  #: 3D: train on chunks of this many slices (SD-Trans / MA-SAM)
+    #: resize before anything else: [D, H, W] resizes volumes (the paper: [128, 128, 128]);
+    #: [H, W] resizes 2D images, and every slice of a volume in-plane (slice count kept).
+    #: Image linear, labels nearest; evaluate / predict resample predictions back (docs/data.md)
+    resize_to: list[int] | None = None
+    #: intensity scaling to [0, 255] per case: auto | none | percentile | ct:<preset> | ct:<L>,<W>
+    #: (medsa.data.preprocess.scale_intensity); recorded in the adapter for evaluate / predict
+    intensity: str = "auto"
     max_train_items: int | None = None  #: cap the number of training samples (quick runs)
     max_val_items: int | None = None  #: cap the number of validation samples
 
@@ -85,6 +92,19 @@ class DataSection:
             v = getattr(self, name)
             if v is not None and v <= 0:
                 raise ConfigError(f"data.{name} must be positive; got {v}")
+        if self.resize_to is not None and (
+            len(self.resize_to) not in (2, 3) or min(self.resize_to) < 1
+        ):
+            raise ConfigError(
+                f"data.resize_to must be [D, H, W] (volumes) or [H, W] positive integers; "
+                f"got {self.resize_to}"
+            )
+        ok = self.intensity in ("auto", "none", "percentile") or self.intensity.startswith("ct:")
+        if not ok:
+            raise ConfigError(
+                f"data.intensity must be auto, none, percentile, ct:<preset> or ct:<level>,<width>; "
+                f"got {self.intensity!r}"
+            )
 
 
 @dataclass

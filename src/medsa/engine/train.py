@@ -341,6 +341,10 @@ class Trainer:
         self.device = self.dist.device
         self.dtype = _resolve_precision(cfg.train.precision, self.device)
         self.train_set, self.val_set = train_set, val_set
+        from .model_loading import dataset_classes, inference_meta
+
+        # what evaluate / predict / serve need to see data as training did (adapter JSON)
+        self.inference_meta = inference_meta(cfg, dataset_classes(train_set))
         if len(train_set) == 0:
             raise DataError("the training set is empty")
         self.model = (model if model is not None else build_model(cfg)).to(self.device)
@@ -545,7 +549,7 @@ class Trainer:
 
         ckpt = self.out_dir / "checkpoints"
         ckpt.mkdir(parents=True, exist_ok=True)
-        save_adapter(self.model, ckpt / name)
+        save_adapter(self.model, ckpt / name, inference=self.inference_meta)
         return save_train_state(self._state(), ckpt / f"{name}.pt")
 
     def load_state(self, state: dict[str, Any]) -> None:
@@ -915,13 +919,13 @@ def build_datasets(
 
     def make(ids: list[str]) -> Any:
         parts = []
+        kw = dict(case_ids=ids, mode=mode, transform=transform, seed=cfg.train.seed,
+                  resize_to=d.resize_to, intensity=d.intensity)  # fmt: skip
         for c in classes:
             if d.depth:
-                parts.append(ChunkDataset3D(info, d.depth, case_ids=ids, class_name=c, mode=mode,
-                                            transform=transform, seed=cfg.train.seed))  # fmt: skip
+                parts.append(ChunkDataset3D(info, d.depth, class_name=c, **kw))
             else:
-                parts.append(SliceDataset2D(info, case_ids=ids, class_name=c, mode=mode,
-                                            transform=transform, seed=cfg.train.seed))  # fmt: skip
+                parts.append(SliceDataset2D(info, class_name=c, **kw))
         if len(parts) == 1:
             return parts[0]
         from torch.utils.data import ConcatDataset

@@ -52,11 +52,13 @@ class _Base:
         prompt: str | None,
         seed: int,
         cache_size: int,
+        resize_to: Sequence[int] | None = None,
     ) -> None:
-        from medsa.data.preprocess import SamTransform
+        from medsa.data.preprocess import SamTransform, check_resize_to
 
         _check_mode(mode)
         self.info = info
+        self.resize_to = check_resize_to(resize_to, info.dim)
         ids = info.case_ids if case_ids is None else list(case_ids)
         unknown = sorted(set(ids) - set(info.case_ids))
         if unknown:
@@ -88,8 +90,9 @@ class _Base:
         return np.random.default_rng([self.seed, self.epoch, index])
 
     def _load(self, case: Case) -> tuple[np.ndarray, dict[str, np.ndarray], np.ndarray | None]:
-        """Image scaled to [0, 255] with a leading slice axis ``(Z, H, W[, C])``, targets ``(Z, H, W)``."""
-        from medsa.data.preprocess import scale_intensity
+        """Image scaled to [0, 255] with a leading slice axis ``(Z, H, W[, C])``, targets ``(Z, H, W)``
+        (after ``resize_to``: image linear, targets and label map nearest)."""
+        from medsa.data.preprocess import resize_spatial, resized_shape, scale_intensity
 
         def load() -> tuple[np.ndarray, dict[str, np.ndarray], np.ndarray | None]:
             img, targets = self.info.load_case(case)
@@ -112,22 +115,27 @@ class _Base:
             labmap = self.info.load_label_map(case) if self.mode == "multiclass" else None
             if labmap is not None and not img.is_3d:
                 labmap = labmap[None]
+            if self.resize_to is not None:  # scaled first, then resized (as at inference)
+                shape = resized_shape(arr.shape[:3], self.resize_to)
+                arr = resize_spatial(arr, shape, kind="image", channels_last=arr.ndim == 4)
+                targets = {k: resize_spatial(v, shape, kind="label") for k, v in targets.items()}
+                if labmap is not None:
+                    labmap = resize_spatial(labmap, shape, kind="label")
             return arr, targets, labmap
 
         return self._cache.get(("case", case.id), load)
 
-    def _index_targets(
-        self, case: Case, resize_to: tuple[int, int, int] | None = None
-    ) -> dict[str, np.ndarray]:
-        """Targets ``(Z, H, W)`` only (no image read): used to build the sample index cheaply."""
-        from medsa.data.preprocess import resize_volume
+    def _index_targets(self, case: Case) -> dict[str, np.ndarray]:
+        """Targets ``(Z, H, W)`` only (no image read, resized as :meth:`_load` does): used to
+        build the sample index cheaply."""
+        from medsa.data.preprocess import resize_spatial, resized_shape
 
         targets = self.info.load_targets(case)
         out = {}
         for k, v in targets.items():
             v = v[None] if v.ndim == 2 else v
-            if resize_to is not None:
-                v = resize_volume(v.astype(np.uint8), resize_to, kind="label") > 0
+            if self.resize_to is not None:
+                v = resize_spatial(v, resized_shape(v.shape, self.resize_to), kind="label")
             out[k] = v
         return out
 
@@ -164,6 +172,9 @@ class SliceDataset2D(_Base):
         prompt: protocol name from :data:`~medsa.data.prompts.PROMPT_PROTOCOLS` or ``None``.
         seed: prompt randomness (with :meth:`set_epoch`).
         cache_size: number of loaded cases kept in memory.
+        resize_to: ``(H, W)``: resize every image (every slice of a volume) in-plane first;
+            ``(D, H, W)``: resize each volume (3D datasets only). Image linear, targets
+            nearest; the samples then live on the resized grid.
     """
 
     def __init__(
@@ -178,10 +189,12 @@ class SliceDataset2D(_Base):
         prompt: str | None = None,
         seed: int = 0,
         cache_size: int = 4,
+        resize_to: Sequence[int] | None = None,
     ) -> None:
         super().__init__(
-            info, case_ids, class_name, mode, transform, intensity, prompt, seed, cache_size
-        )
+            info, case_ids, class_name, mode, transform, intensity, prompt, seed, cache_size,
+            resize_to,
+        )  # fmt: skip
         if prompt is not None and include_empty:
             raise ConfigError(
                 "include_empty=True cannot be combined with prompts (empty slices have none)"
@@ -240,7 +253,7 @@ class ChunkDataset3D(_Base):
     Args:
         depth, stride, pad: see :func:`~medsa.data.preprocess.chunk_indices`.
         resize_to: resize each volume to ``(D, H, W)`` first (the paper uses 128^3), trilinear for
-            images / nearest for labels.
+            images / nearest for labels; ``(H, W)`` resizes in-plane only (slice count kept).
         only_nonempty: skip chunks whose target is empty.
         Other arguments as :class:`SliceDataset2D`.
     """
@@ -256,7 +269,7 @@ class ChunkDataset3D(_Base):
         pad: str = "replicate",
         transform: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
         intensity: str = "auto",
-        resize_to: tuple[int, int, int] | None = None,
+        resize_to: Sequence[int] | None = None,
         only_nonempty: bool = True,
         prompt: str | None = None,
         seed: int = 0,
@@ -264,15 +277,16 @@ class ChunkDataset3D(_Base):
     ) -> None:
         from medsa.data.preprocess import chunk_indices
 
-        super().__init__(
-            info, case_ids, class_name, mode, transform, intensity, prompt, seed, cache_size
-        )
         if info.dim != 3:
             raise ConfigError(f"{info.root} is a 2D dataset; use SliceDataset2D")
-        self.depth, self.resize_to = depth, resize_to
+        super().__init__(
+            info, case_ids, class_name, mode, transform, intensity, prompt, seed, cache_size,
+            resize_to,
+        )  # fmt: skip
+        self.depth = depth
         self.index: list[tuple[int, np.ndarray, str | None]] = []
         for ci, case in enumerate(self.cases):
-            targets = self._index_targets(case, self.resize_to)
+            targets = self._index_targets(case)
             names: list[str | None] = [None] if mode == "multiclass" else list(self.classes)
             for cname in names:
                 t = (
@@ -290,28 +304,6 @@ class ChunkDataset3D(_Base):
                 f"{len(self.cases)} selected case(s)"
             )
 
-    def _load_resized(
-        self, case: Case
-    ) -> tuple[np.ndarray, dict[str, np.ndarray], np.ndarray | None]:
-        from medsa.data.preprocess import resize_volume
-
-        arr, targets, labmap = self._load(case)
-        if self.resize_to is None:
-            return arr, targets, labmap
-
-        def load() -> tuple[np.ndarray, dict[str, np.ndarray], np.ndarray | None]:
-            a = arr if arr.ndim == 3 else np.moveaxis(arr, -1, 0)
-            a = resize_volume(a, self.resize_to, kind="image")
-            a = a if arr.ndim == 3 else np.moveaxis(a, 0, -1)
-            t = {
-                k: resize_volume(v.astype(np.uint8), self.resize_to, kind="label") > 0
-                for k, v in targets.items()
-            }
-            lm = None if labmap is None else resize_volume(labmap, self.resize_to, kind="label")
-            return a, t, lm
-
-        return self._cache.get(("resized", case.id), load)
-
     def __len__(self) -> int:
         return len(self.index)
 
@@ -322,7 +314,7 @@ class ChunkDataset3D(_Base):
 
         ci, idx, cname = self.index[i]
         case = self.cases[ci]
-        arr, targets, labmap = self._load_resized(case)
+        arr, targets, labmap = self._load(case)
         tvol = (labmap if cname is None else targets[cname]).astype(np.uint8)  # type: ignore[union-attr]
         imgs, tgts = take_slices(arr, idx), take_slices(tvol, idx)
         rng = self._rng(i)

@@ -63,6 +63,10 @@ class EvalConfig:
         depth: 3D only: encode chunks of ``depth`` consecutive slices together
             (``image_encoder(chunk, depth=depth)``), needed for models with SD-Trans or MA-SAM
             3D adapters (use the training chunk depth); None encodes every slice alone (2D).
+        resize_to: the model grid, ``(H, W)`` (2D images; volumes in-plane) or ``(D, H, W)``
+            (volumes), as training's ``data.resize_to``: image linear, labels nearest; prompts
+            are simulated there and the predictions resampled back (nearest), so metrics are
+            computed on each case's original grid with its own spacing.
         everything: options of ``medsa.sam.automatic.AutomaticMaskConfig`` for the
             "everything" protocol (default: a 16 x 16 point grid, other settings as SAM).
     """
@@ -76,6 +80,7 @@ class EvalConfig:
     worst_k: int = 4
     intensity: str = "auto"
     depth: int | None = None
+    resize_to: tuple[int, ...] | None = None
     everything: dict[str, Any] = field(default_factory=lambda: {"points_per_side": 16})
 
     def __post_init__(self) -> None:
@@ -92,6 +97,10 @@ class EvalConfig:
             raise ConfigError(f"max_cases must be >= 1, got {self.max_cases}")
         if self.depth is not None and self.depth < 1:
             raise ConfigError(f"depth must be >= 1, got {self.depth}")
+        if self.resize_to is not None:
+            from medsa.data.preprocess import check_resize_to
+
+            object.__setattr__(self, "resize_to", check_resize_to(self.resize_to))
         if self.noc_clicks < 0 or self.worst_k < 0:
             raise ConfigError("noc_clicks and worst_k must be >= 0")
 
@@ -297,6 +306,10 @@ def _evaluate_case(
             f"case {case.id!r}: label shape {ref.shape} != image shape {tuple(spatial)}"
         )
     spacing = _spacing(img, ref.ndim)
+    orig_gts = gts  # metrics are computed against these, on the case's own grid
+    if cfg.resize_to is not None:  # the model's grid, as in training (data.resize_to)
+        x, gts = _resize_case(x, gts, cfg.resize_to)
+        ref = next(iter(gts.values()))
     slices = range(x.shape[0]) if is_3d else [None]
     encoder = ChunkEncoder(predictor, x, cfg.depth) if (is_3d and cfg.depth) else None
     combos = [(p, s, c) for p in cfg.protocols for s in cfg.seeds for c in classes]
@@ -379,7 +392,8 @@ def _evaluate_case(
 
     rows = []
     for prot, seed, cls in combos:
-        met = compute_metrics(preds[(prot, seed, cls)], gts[cls], spacing, cfg.metrics)
+        pred = _to_grid(preds[(prot, seed, cls)], orig_gts[cls].shape)
+        met = compute_metrics(pred, orig_gts[cls], spacing, cfg.metrics)
         rows.append({"case_id": case.id, "class": cls, "protocol": prot, "seed": int(seed), **met})
     store = []
     if keep:  # images only for this case's candidates for the worst-case figure
@@ -405,8 +419,31 @@ def _evaluate_case(
     if run_noc:
         from medsa.engine.metrics import dice
 
-        noc = {c: [dice(mk, gts[c]) for mk in noc_masks[c]] for c in classes if gts[c].any()}
+        noc = {
+            c: [dice(_to_grid(mk, orig_gts[c].shape), orig_gts[c]) for mk in noc_masks[c]]
+            for c in classes
+            if gts[c].any()
+        }
     return rows, noc, store, failures
+
+
+def _resize_case(
+    x: np.ndarray, gts: dict[str, np.ndarray], resize_to: Sequence[int]
+) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """Model input ``(H, W, 3)`` / ``(D, H, W, 3)`` (linear) and binary targets (nearest) on the
+    ``resize_to`` grid."""
+    from medsa.data.preprocess import resize_spatial, resized_shape
+
+    shape = resized_shape(x.shape[:-1], resize_to)
+    xr = resize_spatial(x, shape, kind="image", channels_last=True)
+    return xr, {c: resize_spatial(g, shape, kind="label") for c, g in gts.items()}
+
+
+def _to_grid(mask: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """A prediction on the model grid resampled (nearest) to the case's own grid ``shape``."""
+    from medsa.data.preprocess import resize_spatial
+
+    return mask if mask.shape == shape else resize_spatial(mask, shape, kind="label")
 
 
 def _put(volume: np.ndarray, z: int | None, mask: np.ndarray) -> None:
@@ -494,15 +531,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-cases", type=int, help="evaluate only the first N cases")
     p.add_argument(
         "--intensity",
-        default="auto",
-        help="intensity scaling as in training: auto (uint8 kept, else 0.5-99.5 percentiles), "
-        "none, percentile, ct:<preset> (e.g. ct:abdomen), ct:<level>,<width>",
+        help="intensity scaling: auto (uint8 kept, else 0.5-99.5 percentiles), none, percentile, "
+        "ct:<preset> (e.g. ct:abdomen), ct:<level>,<width> (default: the adapter's, else auto)",
     )
     p.add_argument(
         "--depth",
         type=int,
-        help="3D: encode chunks of N slices together (SD-Trans / MA-SAM 3D adapters; use the "
-        "training data.depth); default: every slice alone",
+        help="3D: encode chunks of N slices together (SD-Trans / MA-SAM 3D adapters); default: "
+        "the adapter's training depth, else every slice alone",
+    )
+    p.add_argument(
+        "--resize-to",
+        metavar="D,H,W|H,W",
+        help="run the model on this grid (training's data.resize_to); metrics stay on each "
+        "case's own grid; default: the adapter's setting, else no resize",
     )
     p.add_argument(
         "--nsd-tolerance", type=float, default=2.0, help="NSD tolerance in mm (default 2)"
@@ -541,20 +583,15 @@ def load_model(
 ) -> Any:
     """Build the backbone (``medsa.sam.build_sam``), apply a saved adapter, move to ``device``.
 
-    ``backbone=None`` means: the backbone recorded in the adapter's JSON, else ``lite_medsam``.
+    ``backbone=None`` means: the backbone recorded in the adapter's JSON, else ``lite_medsam``
+    (settings resolved by :func:`medsa.engine.model_loading.resolve_inference`).
     """
-    from medsa.sam import build_sam
+    from medsa.engine.model_loading import build_inference_model, resolve_inference
 
     if checkpoint is not None and not Path(checkpoint).exists():
         raise CheckpointError(f"checkpoint {checkpoint} does not exist")
-    if adapter is None:
-        return build_sam(backbone or "lite_medsam", checkpoint=checkpoint).to(device).eval()
-    from medsa.adapters import load_adapter
-    from medsa.adapters.io import read_adapter_meta
-
-    name = backbone or read_adapter_meta(adapter).get("backbone") or "lite_medsam"
-    model = load_adapter(build_sam(name, checkpoint=checkpoint), adapter)
-    return model.to(device).eval()
+    settings = resolve_inference(adapter, backbone=backbone, checkpoint=checkpoint)
+    return build_inference_model(settings, device)
 
 
 def _case_ids_from_split(path: Path, fold: int | None, ds: Any, subset: str = "val") -> list[str]:
@@ -592,6 +629,17 @@ def main(args: argparse.Namespace) -> int:
     except ValueError as e:
         raise ConfigError(f"--seeds must be comma-separated integers, got {args.seeds!r}") from e
     classes = tuple(_csv_list(args.classes, "classes")) or None
+    from medsa.engine.model_loading import build_inference_model, resolve_inference
+
+    # the adapter's recorded depth / resize / intensity unless given (contradictions: error)
+    settings = resolve_inference(
+        args.adapter,
+        backbone=args.backbone,
+        checkpoint=args.checkpoint,
+        depth=args.depth,
+        resize_to=args.resize_to,
+        intensity=args.intensity,
+    )
     cfg = EvalConfig(
         protocols=protocols,
         seeds=seeds,
@@ -600,8 +648,9 @@ def main(args: argparse.Namespace) -> int:
         metrics=MetricConfig(nsd_tolerance_mm=args.nsd_tolerance, hd_one_empty=args.hd_empty),
         noc_clicks=args.noc_clicks,
         worst_k=args.worst,
-        intensity=args.intensity,
-        depth=args.depth,
+        intensity=settings.intensity,
+        depth=settings.depth,
+        resize_to=settings.resize_to,
     )
     if not args.data.exists():
         raise DataError(f"dataset folder {args.data} does not exist")
@@ -617,8 +666,8 @@ def main(args: argparse.Namespace) -> int:
     from medsa.engine.perf import resolve_device
 
     device = resolve_device(args.device)
-    model = load_model(args.backbone, args.checkpoint, args.adapter, device)
-    backbone = getattr(model, "name", None) or args.backbone or "lite_medsam"
+    model = build_inference_model(settings, device)
+    backbone = getattr(model, "name", None) or settings.backbone
     method = args.name or (backbone + (f" + {args.adapter.stem}" if args.adapter else ""))
     res = evaluate_model(
         model,

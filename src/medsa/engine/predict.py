@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from medsa.data.io import image_format, image_suffix, looks_like_dicom
+from medsa.data.preprocess import resize_spatial, resized_shape
 from medsa.engine.inference import (
     Prompt,
     model_input,
@@ -292,6 +293,41 @@ def _auto_labels(predictor: Any, x: np.ndarray, is_3d: bool, depth: int | None) 
     return out
 
 
+def _model_grid(x: np.ndarray, resize_to: Any) -> tuple[np.ndarray, tuple[int, ...]]:
+    """Model input ``(H, W, 3)`` / ``(D, H, W, 3)`` resized (linear) to ``resize_to`` and its
+    spatial shape; unchanged without ``resize_to``."""
+    if resize_to is None:
+        return x, tuple(x.shape[:-1])
+    grid = resized_shape(x.shape[:-1], resize_to)
+    return resize_spatial(x, grid, kind="image", channels_last=True), grid
+
+
+def _prompts_to_grid(prompts: Any, shape: tuple[int, ...], grid: tuple[int, ...]) -> Any:
+    """Prompts in the input's pixels -> the model grid: ``(x, y)`` scaled by ``W'/W``, ``H'/H``
+    (as SAM's own resize); volumes: slice ``z`` goes to the model slice that is resampled back
+    onto ``z`` (nearest, ``floor((z + 0.5) * D'/D)``; when several input slices share one model
+    slice, the last one's prompts are used). Prompts are validated on the input first."""
+    sy, sx = grid[-2] / shape[-2], grid[-1] / shape[-1]
+
+    def one(p: Prompt | None) -> Prompt | None:
+        if p is None or p.empty:
+            return p
+        p.validate(shape[-2:])  # errors in the user's own coordinates
+        pts = p.points * np.array([sx, sy], np.float32) if len(p.points) else None
+        box = p.box * np.array([sx, sy, sx, sy], np.float32) if p.box is not None else None
+        return Prompt(points=pts, labels=p.labels if len(p.points) else None, box=box)
+
+    if not isinstance(prompts, Mapping):
+        return [one(p) for p in prompts]
+    d, dm = shape[0], grid[0]
+    out: dict[int, list[Prompt | None]] = {}
+    for z, ps in sorted(prompts.items()):
+        if not 0 <= int(z) < d:
+            raise PromptError(f"slice index {z} is outside the volume's {d} slices (0..{d - 1})")
+        out[min(dm - 1, int((int(z) + 0.5) * dm / d))] = [one(p) for p in ps]
+    return out
+
+
 def _label_map(masks: np.ndarray) -> np.ndarray:
     """``(K, ...)`` bool -> label map (later objects win where they overlap)."""
     dtype = np.uint8 if len(masks) < 256 else np.uint16
@@ -312,9 +348,11 @@ def run_job(
     # (H, W, 3) / (D, H, W, 3) float in [0, 255], scaled as the training datasets do
     x = model_input(img.array, is_3d, args.intensity)
     shape = x.shape[:-1]
+    # the model's grid (training's data.resize_to); the result is resampled back to `shape`
+    xm, grid = _model_grid(x, getattr(args, "resize_to", None))
     prompts_used: Any = None
     if args.auto:
-        labels = _auto_labels(predictor, x, is_3d, args.depth)
+        labels = _auto_labels(predictor, xm, is_3d, args.depth)
     elif args.everything:
         pps = args.points_per_side
         if is_3d:
@@ -323,12 +361,12 @@ def run_job(
                     _label_map(
                         segment_everything(predictor, xz, intensity="none", points_per_side=pps)
                     )
-                    for xz in x
+                    for xz in xm
                 ]
             )
         else:
             labels = _label_map(
-                segment_everything(predictor, x, intensity="none", points_per_side=pps)
+                segment_everything(predictor, xm, intensity="none", points_per_side=pps)
             )
     else:
         if job.entry is not None:
@@ -350,15 +388,28 @@ def run_job(
         if is_3d:
             if not isinstance(prompts, Mapping):
                 raise PromptError(f"{job.path} is a volume: prompts must be given per slice")
-            masks, _ = segment_volume(
-                predictor, img.array, prompts, intensity=args.intensity, depth=args.depth
-            )
+            if grid == shape:
+                masks, _ = segment_volume(
+                    predictor, img.array, prompts, intensity=args.intensity, depth=args.depth
+                )
+            else:  # xm is already scaled: (D', H', W', 3) -> (3, D', H', W') channels
+                mp = _prompts_to_grid(prompts, shape, grid)
+                masks, _ = segment_volume(
+                    predictor, np.moveaxis(xm, -1, 0), mp, intensity="none", depth=args.depth
+                )
         else:
             if isinstance(prompts, Mapping):
                 raise PromptError(f"{job.path} is a 2D image: per-slice prompts do not apply")
-            masks, _ = segment_image(predictor, x, prompts, intensity="none")  # type: ignore[misc]
+            mp = prompts if grid == shape else _prompts_to_grid(prompts, shape, grid)
+            masks, _ = segment_image(predictor, xm, mp, intensity="none")  # type: ignore[misc]
         labels = masks[0] if len(masks) == 1 else _label_map(masks)
         prompts_used = prompts
+    if grid != shape:  # back to the input's grid (nearest), so its geometry applies
+        labels = resize_spatial(labels, shape, kind="label")
+        if is_3d and isinstance(prompts_used, Mapping):  # unprompted slices stay empty
+            keep = np.zeros(shape[0], bool)
+            keep[[int(z) for z in prompts_used]] = True
+            labels[~keep] = 0
     fmt = img.format
     ext = OUT_EXT.get(fmt, ".nii.gz" if is_3d else ".png")
     out_path = args.out / job.rel.parent / f"{job.rel.name}{args.suffix}{ext}"
@@ -485,14 +536,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--adapter", type=Path, help="adapter saved by 'medsa train'")
     p.add_argument(
         "--intensity",
-        default="auto",
-        help="intensity scaling as in training: auto, none, percentile, ct:<preset>, ct:<L>,<W>",
+        help="intensity scaling: auto, none, percentile, ct:<preset>, ct:<L>,<W> "
+        "(default: the adapter's, else auto)",
     )
     p.add_argument(
         "--depth",
         type=int,
-        help="volumes: encode chunks of N slices together (models with SD-Trans / MA-SAM 3D "
-        "adapters; use the training data.depth); default: every slice alone",
+        help="volumes: encode chunks of N slices together (SD-Trans / MA-SAM 3D adapters); "
+        "default: the adapter's training depth, else every slice alone",
+    )
+    p.add_argument(
+        "--resize-to",
+        metavar="D,H,W|H,W",
+        help="run the model on this grid (training's data.resize_to); the mask is resampled "
+        "back to the input's grid and geometry; default: the adapter's setting, else no resize",
     )
     p.add_argument("--suffix", default="_mask", help="added to output names (default: _mask)")
     p.add_argument("--overlay", action="store_true", help="also write <name>_overlay.png")
@@ -500,8 +557,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from medsa.engine.evaluate import load_model
     from medsa.engine.inference import as_predictor
+    from medsa.engine.model_loading import build_inference_model, resolve_inference
     from medsa.engine.perf import resolve_device
 
     n_modes = sum(
@@ -532,7 +589,18 @@ def main(args: argparse.Namespace) -> int:
         print(f"medsa predict: error: {e}", file=sys.stderr)
     if not jobs:
         return 1
-    model = load_model(args.backbone, args.checkpoint, args.adapter, resolve_device(args.device))
+    # the adapter's recorded depth / resize / intensity unless given (contradictions: error)
+    settings = resolve_inference(
+        args.adapter,
+        backbone=args.backbone,
+        checkpoint=args.checkpoint,
+        depth=args.depth,
+        resize_to=getattr(args, "resize_to", None),
+        intensity=args.intensity,
+    )
+    args.depth, args.intensity = settings.depth, settings.intensity
+    args.resize_to = settings.resize_to
+    model = build_inference_model(settings, resolve_device(args.device))
     predictor = as_predictor(model)
     failed = len(errors)
     base = args.prompts.parent if args.prompts is not None else Path.cwd()

@@ -13,8 +13,8 @@ HELP = "local web page: click, box, see the mask, save"
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--backbone",
-        default="lite_medsam",
-        help="model name: lite_medsam (default, ships its weights), vit_b, vit_l, vit_h, vit_tiny",
+        help="model name: lite_medsam (ships its weights), vit_b, vit_l, vit_h, vit_tiny "
+        "(default: the adapter's backbone, else lite_medsam)",
     )
     p.add_argument("--checkpoint", type=Path, help="backbone weights (.pth / .safetensors)")
     p.add_argument(
@@ -58,16 +58,22 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def build_model(
-    backbone: str,
+    backbone: str | None,
     checkpoint: Path | None,
     adapter: Path | None,
     device: str,
     precision: str = "fp32",
 ):
-    """Backbone (+ adapter) in eval mode on ``device``, weights in ``precision``."""
+    """Backbone (+ adapter) in eval mode on ``device``, weights in ``precision``.
+
+    The adapter's recorded settings (:func:`medsa.engine.model_loading.resolve_inference`) must be
+    ones the page reproduces: slices encoded one at a time on their own grid, ``auto`` intensity
+    scaling; an adapter trained on depth chunks or a resized grid is refused (ConfigError) rather
+    than run differently from training.
+    """
     import torch
 
-    from medsa.engine.evaluate import load_model
+    from medsa.engine.model_loading import build_inference_model, resolve_inference
     from medsa.engine.perf import supports_bf16
 
     try:
@@ -84,7 +90,23 @@ def build_model(
             f"--precision bf16: {dev} has no native bfloat16 matmuls (needs a GPU with bf16 or a "
             "CPU with AVX512-BF16 / AMX); use --precision fp32"
         )
-    model = load_model(backbone, checkpoint, adapter, dev)
+    settings = resolve_inference(adapter, backbone=backbone, checkpoint=checkpoint)
+    unsupported = [
+        what
+        for what, bad in (
+            (f"depth chunks of {settings.depth} slices", settings.depth),
+            (f"resize_to {settings.resize_to}", settings.resize_to),
+            (f"intensity {settings.intensity}", settings.intensity != "auto"),
+        )
+        if bad
+    ]
+    if unsupported:
+        raise ConfigError(
+            f"adapter {Path(adapter or '').name} was trained with {', '.join(unsupported)}; "
+            "medsa serve encodes each slice alone on its own grid with auto intensity, so it "
+            "cannot run it as trained: use medsa predict / medsa evaluate"
+        )
+    model = build_inference_model(settings, dev)
     return model.to(torch.bfloat16) if precision == "bf16" else model
 
 
@@ -111,7 +133,8 @@ def main(args: argparse.Namespace) -> int:
     for r in roots:
         if not Path(r).is_dir():
             raise ConfigError(f"--root {r}: not a folder")
-    print(f"loading {args.backbone} on {args.device} ({args.precision}) ...", flush=True)
+    what = args.backbone or (f"adapter {args.adapter}" if args.adapter else "lite_medsam")
+    print(f"loading {what} on {args.device} ({args.precision}) ...", flush=True)
     model = build_model(args.backbone, args.checkpoint, args.adapter, args.device, args.precision)
 
     import uvicorn

@@ -134,3 +134,19 @@ def test_save_needs_a_method_and_keeps_old_files_on_failure(tiny, tmp_path, monk
         save_adapter(model, tmp_path / "x")
     assert (tmp_path / "x.safetensors").read_bytes() == before  # untouched, no temp left
     assert sorted(p.name for p in tmp_path.iterdir()) == ["x.json", "x.safetensors"]
+
+
+def test_inference_settings_are_stored_and_old_files_have_none(tiny, tmp_path):
+    from medsa.adapters.io import read_adapter_meta
+
+    model = apply_method(tiny(0), MedSAConfig(rank=4, sd_trans=True))
+    inf = {"depth": 8, "resize_to": [128, 128, 128], "intensity": "ct:abdomen",
+           "classes": {"liver": 1}, "num_classes": 1}  # fmt: skip
+    save_adapter(model, tmp_path / "new", inference=inf)
+    assert read_adapter_meta(tmp_path / "new")["inference"] == inf
+    load_adapter(tiny(0), tmp_path / "new")  # the extra entry does not disturb loading
+    save_adapter(model, tmp_path / "old")  # what older medsa wrote: no "inference" entry
+    assert "inference" not in read_adapter_meta(tmp_path / "old")
+    with pytest.raises(ConfigError, match="not JSON data"):
+        save_adapter(model, tmp_path / "bad", inference={"depth": object()})
+    assert not (tmp_path / "bad.json").exists()

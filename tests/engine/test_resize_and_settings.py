@@ -278,3 +278,10 @@ def test_evaluate_resize_scores_on_the_original_grid(oracle, volumes, monkeypatc
     plain = ev.evaluate_model(oracle, info, case_ids=["case0"], config=ev.EvalConfig(
         protocols=("box",), noc_clicks=0, worst_k=0))  # fmt: skip
     assert plain.rows[0]["dice"] == 1.0
+
+
+def test_serve_refuses_an_adapter_it_cannot_run_as_trained(trained):
+    from medsa.serve.cli import build_model
+
+    with pytest.raises(ConfigError, match="depth chunks of 3 slices, resize_to"):
+        build_model(None, None, trained, "cpu")

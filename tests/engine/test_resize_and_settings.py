@@ -285,3 +285,12 @@ def test_serve_refuses_an_adapter_it_cannot_run_as_trained(trained):
 
     with pytest.raises(ConfigError, match="depth chunks of 3 slices, resize_to"):
         build_model(None, None, trained, "cpu")
+
+
+def test_paper_3d_preset():
+    from medsa.engine.config import load_config
+
+    cfg = load_config("medsa_paper_3d")
+    assert cfg.model.backbone == "vit_h" and cfg.method["sd_trans"] is True
+    assert cfg.data.resize_to == [128, 128, 128] and cfg.data.depth == 16
+    assert cfg.train.epochs == 60 and cfg.data.depth * cfg.train.batch_size == 16

@@ -294,3 +294,29 @@ def test_paper_3d_preset():
     assert cfg.model.backbone == "vit_h" and cfg.method["sd_trans"] is True
     assert cfg.data.resize_to == [128, 128, 128] and cfg.data.depth == 16
     assert cfg.train.epochs == 60 and cfg.data.depth * cfg.train.batch_size == 16
+
+
+def test_evaluate_names_classes_of_a_dataset_without_json_as_training_did(
+    volumes, tmp_path, capsys
+):
+    import shutil
+
+    import torch
+
+    from medsa.adapters import MedSAConfig, apply_method, save_adapter
+    from medsa.cli import main
+    from medsa.sam import build_sam
+
+    root = tmp_path / "nojson"  # imagesTr layout: label values only, classes "class_<v>"
+    shutil.copytree(volumes / "imagesTr", root / "imagesTr")
+    shutil.copytree(volumes / "labelsTr", root / "labelsTr")
+    torch.manual_seed(0)
+    save_adapter(apply_method(build_sam("vit_tiny"), MedSAConfig(rank=4)), tmp_path / "ad",
+                 inference={"depth": None, "resize_to": None, "intensity": "auto",
+                            "classes": {"organ": 1}})  # fmt: skip
+    argv = ["evaluate", "--data", str(root), "--adapter", str(tmp_path / "ad"), "--device", "cpu",
+            "--protocols", "bbox0.75", "--noc-clicks", "0", "--worst", "0", "--max-cases", "1",
+            "--quiet", "--out", str(tmp_path / "e")]  # fmt: skip
+    assert main(argv) == 0, capsys.readouterr().err
+    summary = json.loads((tmp_path / "e" / "summary.json").read_text())
+    assert list(summary["summary"]["bbox0.75"]["classes"]) == ["organ"]

@@ -660,6 +660,9 @@ def main(args: argparse.Namespace) -> int:
     from medsa.data.datasets import load_dataset
 
     ds = load_dataset(args.data)
+    if settings.classes and ds.layout == "imagesTr" and not ds.label_values_declared:
+        # no dataset.json: name the label values as training did (e.g. ACDC {RV: 1, MYO: 2, LV: 3})
+        ds = load_dataset(args.data, classes=settings.classes)
     if args.fold is not None and args.split is None:
         raise ConfigError("--fold needs --split FILE")
     case_ids = _case_ids_from_split(args.split, args.fold, ds, args.subset) if args.split else None

@@ -211,6 +211,8 @@ def resolve_inference(
                 f"here; pass --checkpoint (now using {bb}'s default weights)"
             )
     classes = inf.get("classes")
+    if isinstance(classes, Mapping):  # JSON lists back to nnU-Net region tuples
+        classes = {str(k): tuple(v) if isinstance(v, list) else v for k, v in classes.items()}
     return InferenceSettings(
         bb,
         ckpt,

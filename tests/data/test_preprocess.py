@@ -148,3 +148,30 @@ def test_sam_transform():
     assert out["target"].shape == (64, 64) and out["target"][:, :40].sum() == 0
     assert out["original_size"] == (30, 60) and out["case_id"] == "a"
     assert out["image"][:, 40:].abs().max() == 0  # pad after normalisation
+
+
+def test_resize_spatial_shapes_kinds_and_spacing():
+    from medsa.data.preprocess import (
+        check_resize_to,
+        resize_spatial,
+        resized_shape,
+        resized_spacing,
+    )
+
+    vol = np.zeros((5, 12, 16), bool)
+    vol[1:4, 3:9, 4:12] = True
+    up = resize_spatial(vol, (10, 24, 32), kind="label")
+    assert up.dtype == bool and up.shape == (10, 24, 32) and up.sum() == vol.sum() * 8
+    assert np.array_equal(resize_spatial(up, vol.shape, kind="label"), vol)  # exact inverse
+    rgb = np.random.default_rng(0).uniform(0, 255, (12, 16, 3)).astype(np.float32)
+    small = resize_spatial(rgb, (6, 8), kind="image", channels_last=True)
+    assert small.shape == (6, 8, 3) and small.dtype == np.float32
+    np.testing.assert_allclose(small[0, 0], rgb[:2, :2].mean(axis=(0, 1)), rtol=1e-5)
+    assert resized_shape((5, 12, 16), (8, 8)) == (5, 8, 8)  # in-plane: slices kept
+    assert resized_shape((5, 12, 16), (2, 8, 8)) == (2, 8, 8)
+    with pytest.raises(ConfigError, match="data is 2D"):
+        resized_shape((12, 16), (2, 8, 8))
+    with pytest.raises(ConfigError):
+        check_resize_to((0, 8))
+    sp = resized_spacing((2.5, 0.8, 0.7), (5, 12, 16), (10, 24, 32))
+    np.testing.assert_allclose(sp, (1.25, 0.4, 0.35))  # same physical extent

@@ -320,3 +320,32 @@ def test_evaluate_names_classes_of_a_dataset_without_json_as_training_did(
     assert main(argv) == 0, capsys.readouterr().err
     summary = json.loads((tmp_path / "e" / "summary.json").read_text())
     assert list(summary["summary"]["bbox0.75"]["classes"]) == ["organ"]
+
+
+def test_predict_cli_runs_the_adapter_as_trained(trained, tmp_path, capsys, monkeypatch):
+    """No --depth / --resize-to: SD-Trans chunks of 3 on the 10x16x16 grid, mask back on the
+    input grid with its affine; a contradicting --resize-to is one error line, exit 1."""
+    import medsa.engine.inference as inf
+    from medsa.cli import main
+
+    seen: list[tuple] = []
+
+    class Recording(inf.ChunkEncoder):
+        def __init__(self, predictor, x, depth):
+            seen.append((x.shape[:3], depth))
+            super().__init__(predictor, x, depth)
+
+    monkeypatch.setattr(inf, "ChunkEncoder", Recording)
+    img, _ = _volume(np.random.default_rng(2))
+    src = write_image(img, tmp_path / "v.nii.gz", like=_geo())
+    argv = ["predict", str(src), "--adapter", str(trained), "--box", "6,8,17,19", "--slice", "3",
+            "--device", "cpu"]  # fmt: skip
+    assert main([*argv, "--out", str(tmp_path / "p")]) == 0, capsys.readouterr().err
+    assert seen == [((10, 16, 16), 3)]
+    a, b = read_image(src), read_image(tmp_path / "p" / "v_mask.nii.gz")
+    assert b.array.shape == SHAPE and np.allclose(a.affine, b.affine)
+    assert not np.delete(b.array, 3, axis=0).any()
+    capsys.readouterr()
+    assert main([*argv, "--resize-to", "7,30,26", "--out", str(tmp_path / "q")]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--resize-to 7x30x26 (trained with 10x16x16)" in err[0]

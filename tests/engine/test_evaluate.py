@@ -165,6 +165,7 @@ def test_evaluate_cli_end_to_end_2d(tmp_path, capsys):
             str(data),
             "--backbone",
             "vit_tiny",
+            "--random-weights",
             "--device",
             "cpu",
             "--protocols",
@@ -214,6 +215,7 @@ def test_evaluate_cli_errors(tmp_path, capsys, argv, message):
             str(tmp_path / "o"),
             "--backbone",
             "vit_tiny",
+            "--random-weights",
             *argv,
         ]
     )
@@ -292,6 +294,7 @@ def test_evaluate_cli_split_subset_and_adapter(tmp_path, capsys):
             "1",
             "--adapter",
             str(tmp_path / "ad" / "medsa.safetensors"),
+            "--random-weights",  # the adapter holds only Med-SA's weights, vit_tiny has none
             "--device",
             "cpu",
             "--protocols",
@@ -320,6 +323,7 @@ def test_evaluate_cli_split_subset_and_adapter(tmp_path, capsys):
             "2",
             "--backbone",
             "vit_tiny",
+            "--random-weights",
             "--out",
             str(out),
         ]
@@ -427,6 +431,7 @@ def test_predict_auto_with_masam_adapter(masam_model, tmp_path, capsys):
             "--auto",
             "--backbone",
             "vit_tiny",
+            "--random-weights",
             "--out",
             str(out),
         ]

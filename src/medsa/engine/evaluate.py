@@ -35,12 +35,21 @@ from medsa.engine.inference import (
     segment_auto,
     segment_everything,
 )
+from medsa.engine.loading import RANDOM_WEIGHTS_HELP, load_model
 from medsa.engine.metrics import MetricConfig, compute_metrics
-from medsa.errors import CheckpointError, ConfigError, DataError, PromptError
+from medsa.errors import ConfigError, DataError, PromptError
 
 HELP = "Dice / IoU / HD95 / NSD of a model under the papers' prompt protocols"
 
-__all__ = ["HELP", "EvalConfig", "EvalResults", "evaluate_model", "add_arguments", "main"]
+__all__ = [
+    "HELP",
+    "EvalConfig",
+    "EvalResults",
+    "evaluate_model",
+    "add_arguments",
+    "load_model",
+    "main",
+]
 
 DEFAULT_PROTOCOLS: tuple[str, ...] = ("1pt", "3pt", "bbox0.5", "bbox0.75")
 
@@ -479,6 +488,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "(default: the adapter's backbone, else lite_medsam)",
     )
     p.add_argument("--checkpoint", type=Path, help="backbone weights (default: the backbone's own)")
+    p.add_argument("--random-weights", action="store_true", help=RANDOM_WEIGHTS_HELP)
     p.add_argument(
         "--adapter", type=Path, help="adapter file saved by 'medsa train' (.safetensors)"
     )
@@ -534,27 +544,6 @@ def _csv_list(s: str | None, what: str) -> list[str]:
     if not items:
         raise ConfigError(f"--{what} is empty")
     return items
-
-
-def load_model(
-    backbone: str | None, checkpoint: Path | None, adapter: Path | None, device: Any
-) -> Any:
-    """Build the backbone (``medsa.sam.build_sam``), apply a saved adapter, move to ``device``.
-
-    ``backbone=None`` means: the backbone recorded in the adapter's JSON, else ``lite_medsam``.
-    """
-    from medsa.sam import build_sam
-
-    if checkpoint is not None and not Path(checkpoint).exists():
-        raise CheckpointError(f"checkpoint {checkpoint} does not exist")
-    if adapter is None:
-        return build_sam(backbone or "lite_medsam", checkpoint=checkpoint).to(device).eval()
-    from medsa.adapters import load_adapter
-    from medsa.adapters.io import read_adapter_meta
-
-    name = backbone or read_adapter_meta(adapter).get("backbone") or "lite_medsam"
-    model = load_adapter(build_sam(name, checkpoint=checkpoint), adapter)
-    return model.to(device).eval()
 
 
 def _case_ids_from_split(path: Path, fold: int | None, ds: Any, subset: str = "val") -> list[str]:
@@ -617,7 +606,9 @@ def main(args: argparse.Namespace) -> int:
     from medsa.engine.perf import resolve_device
 
     device = resolve_device(args.device)
-    model = load_model(args.backbone, args.checkpoint, args.adapter, device)
+    model = load_model(
+        args.backbone, args.checkpoint, args.adapter, device, random_weights=args.random_weights
+    )
     backbone = getattr(model, "name", None) or args.backbone or "lite_medsam"
     method = args.name or (backbone + (f" + {args.adapter.stem}" if args.adapter else ""))
     res = evaluate_model(

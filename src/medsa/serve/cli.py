@@ -18,6 +18,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--checkpoint", type=Path, help="backbone weights (.pth / .safetensors)")
     p.add_argument(
+        "--random-weights",
+        action="store_true",
+        help="allow a backbone without weights (no --checkpoint, e.g. vit_tiny): meaningless "
+        "masks, for tests only",
+    )
+    p.add_argument(
         "--adapter", type=Path, help="adapter saved by `medsa train` (path with or without suffix)"
     )
     p.add_argument(
@@ -63,11 +69,13 @@ def build_model(
     adapter: Path | None,
     device: str,
     precision: str = "fp32",
+    random_weights: bool = False,
 ):
-    """Backbone (+ adapter) in eval mode on ``device``, weights in ``precision``."""
+    """Backbone (+ adapter) in eval mode on ``device``, weights in ``precision``; a backbone
+    without weights is refused unless ``random_weights`` (see :mod:`medsa.engine.loading`)."""
     import torch
 
-    from medsa.engine.evaluate import load_model
+    from medsa.engine.loading import load_model
     from medsa.engine.perf import supports_bf16
 
     try:
@@ -84,7 +92,7 @@ def build_model(
             f"--precision bf16: {dev} has no native bfloat16 matmuls (needs a GPU with bf16 or a "
             "CPU with AVX512-BF16 / AMX); use --precision fp32"
         )
-    model = load_model(backbone, checkpoint, adapter, dev)
+    model = load_model(backbone, checkpoint, adapter, dev, random_weights=random_weights)
     return model.to(torch.bfloat16) if precision == "bf16" else model
 
 
@@ -112,7 +120,14 @@ def main(args: argparse.Namespace) -> int:
         if not Path(r).is_dir():
             raise ConfigError(f"--root {r}: not a folder")
     print(f"loading {args.backbone} on {args.device} ({args.precision}) ...", flush=True)
-    model = build_model(args.backbone, args.checkpoint, args.adapter, args.device, args.precision)
+    model = build_model(
+        args.backbone,
+        args.checkpoint,
+        args.adapter,
+        args.device,
+        args.precision,
+        random_weights=args.random_weights,
+    )
 
     import uvicorn
 

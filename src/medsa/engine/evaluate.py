@@ -37,6 +37,7 @@ from medsa.engine.inference import (
 )
 from medsa.engine.loading import RANDOM_WEIGHTS_HELP, load_model
 from medsa.engine.metrics import MetricConfig, compute_metrics
+from medsa.engine.outputs import OutputError, check_writable_dir, describe_os_error, refuse_existing
 from medsa.errors import ConfigError, DataError, PromptError
 
 HELP = "Dice / IoU / HD95 / NSD of a model under the papers' prompt protocols"
@@ -52,6 +53,16 @@ __all__ = [
 ]
 
 DEFAULT_PROTOCOLS: tuple[str, ...] = ("1pt", "3pt", "bbox0.5", "bbox0.75")
+
+#: what ``medsa evaluate`` writes into ``--out`` (existing ones need ``--overwrite``)
+OUTPUT_FILES = (
+    "metrics.csv",
+    "summary.json",
+    "results.md",
+    "dice_per_class.png",
+    "noc.png",
+    "worst_cases.png",
+)
 
 
 @dataclass(frozen=True)
@@ -290,9 +301,21 @@ def _evaluate_case(
     from medsa.data.prompts import get_protocol, next_click
 
     img, targets = ds.load_case(case)
+    if hasattr(ds, "layout") and hasattr(img, "spacing"):
+        from medsa.data.check import label_geometry_errors
+
+        # a label whose spacing differs from its image scores HD95 / NSD in the wrong mm (and
+        # check-data calls it an error): refuse instead of reporting numbers
+        bad = label_geometry_errors(ds, case, img)
+        if bad:
+            raise DataError(f"case {case.id!r}: {bad[0]} (see `medsa check-data {ds.root}`)")
     is_3d = bool(getattr(img, "is_3d", getattr(ds, "dim", 2) == 3))
     # (H, W, 3) / (D, H, W, 3) float in [0, 255], scaled as the training datasets do
-    x = model_input(img.array, is_3d, cfg.intensity)
+    try:
+        x = model_input(img.array, is_3d, cfg.intensity)
+    except DataError as e:  # e.g. NaN / inf values: name the file
+        where = ", ".join(str(p) for p in getattr(case, "images", ())) or str(case.id)
+        raise DataError(f"case {case.id!r} ({where}): {e}") from None
     gts = {}
     for c in classes:
         if c not in targets:
@@ -478,9 +501,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--subset",
-        default="val",
         choices=("val", "test", "train"),
-        help="which list of the fold to evaluate (default val)",
+        help="which list of the --split fold to evaluate (default val; needs --split)",
     )
     p.add_argument(
         "--backbone",
@@ -531,6 +553,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--name", help="method name in the table (default: backbone [+ adapter])")
     p.add_argument("--out", type=Path, required=True, help="output folder")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace results already in --out (without it the command refuses before any work)",
+    )
     p.add_argument(
         "--device", default="auto", help="cpu, cuda, cuda:N or auto (default: CUDA if available)"
     )
@@ -595,14 +622,19 @@ def main(args: argparse.Namespace) -> int:
     if not args.data.exists():
         raise DataError(f"dataset folder {args.data} does not exist")
     out: Path = args.out
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"--out {out} exists and is not a folder")
     from medsa.data.datasets import load_dataset
 
     ds = load_dataset(args.data)
     if args.fold is not None and args.split is None:
         raise ConfigError("--fold needs --split FILE")
-    case_ids = _case_ids_from_split(args.split, args.fold, ds, args.subset) if args.split else None
+    if args.subset is not None and args.split is None:
+        # without a split there are no subsets: every case would be scored
+        raise ConfigError(f"--subset {args.subset} needs --split FILE (the splits JSON)")
+    subset = args.subset or "val"
+    case_ids = _case_ids_from_split(args.split, args.fold, ds, subset) if args.split else None
+    # before the model is loaded and anything is computed
+    check_writable_dir(out, "--out")
+    refuse_existing([out / name for name in OUTPUT_FILES], "--out", args.overwrite)
     from medsa.engine.perf import resolve_device
 
     device = resolve_device(args.device)
@@ -619,9 +651,15 @@ def main(args: argparse.Namespace) -> int:
         progress=not args.quiet,
         keep_worst=cfg.worst_k > 0,
     )
-    out.mkdir(parents=True, exist_ok=True)
-    written = write_outputs(res, out, method)
-    print(report.markdown_table(res.summary, method, len(cfg.seeds)))
+    print(report.markdown_table(res.summary, method, len(cfg.seeds)))  # also if writing fails
+    try:
+        written = write_outputs(res, out, method)
+    except OSError as e:
+        name = Path(e.filename).name if getattr(e, "filename", None) else "the results"
+        raise OutputError(
+            f"--out {out}: cannot write {name}: {describe_os_error(e)}; the table above is all "
+            "that was kept"
+        ) from None
     print(
         f"{len(res.rows)} rows in {res.seconds:.1f} s; wrote " + ", ".join(p.name for p in written)
     )

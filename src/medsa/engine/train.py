@@ -36,6 +36,7 @@ from medsa.errors import CheckpointError, ConfigError
 
 from .config import TrainConfig, config_from_dict, config_to_yaml, load_config
 from .distributed import cleanup_distributed, init_distributed
+from .outputs import OutputError, check_writable_dir, describe_os_error
 from .train_data import ModelInputTransform, build_datasets, make_split
 from .train_step import PromptBatch, SegmentationStep, WarmupCosine, build_model, sample_prompts
 from .trainer import Trainer
@@ -139,6 +140,8 @@ def main(args: argparse.Namespace) -> int:
     if args.stop_after_steps is not None and args.stop_after_steps < 1:
         raise ConfigError("--stop-after-steps must be >= 1")
     out = Path(cfg.train.out_dir)
+    # before the model is built: an out_dir that cannot be written is one line, not a traceback
+    check_writable_dir(out, "train.out_dir (--out-dir)")
     if state is None and (out / "checkpoints" / "last.pt").exists():
         if not args.overwrite:
             raise ConfigError(
@@ -160,7 +163,13 @@ def main(args: argparse.Namespace) -> int:
         trainer = Trainer(cfg, train_set, val_set, model=model, dist=info)
         if state is not None:
             trainer.load_state(state)
-        summary = trainer.fit(stop_at_step=args.stop_after_steps)
+        try:
+            summary = trainer.fit(stop_at_step=args.stop_after_steps)
+        except OSError as e:  # log / config / summary writes (checkpoints raise OutputError)
+            where = f" {e.filename}" if getattr(e, "filename", None) else f" in {out}"
+            raise OutputError(
+                f"cannot write{where}: {describe_os_error(e)}; " + trainer._kept_checkpoint_note()
+            ) from None
     finally:
         cleanup_distributed()
     if info.is_main:

@@ -1,11 +1,19 @@
-"""Training state: checkpoint contents, writing and restoring (a mixin of the trainer).
+"""Training state: checkpoint contents, when to write them, writing and restoring (a mixin of
+the trainer).
 
-See :mod:`medsa.engine.checkpoint` for the file format and the atomic write.
+Besides the epoch ends, ``last`` is written every ``train.save_every`` optimizer steps and after
+``train.save_every_minutes`` of training since the previous save, so that a kill loses at most
+that much work; a mid-epoch checkpoint resumes exactly (the loop position includes the batches
+done in the epoch). Temporary files of a write interrupted by a kill are removed when a run
+starts; a write that fails (full disk, no permission) is one clear error and the previous
+checkpoint stays intact (the writes are atomic). See :mod:`medsa.engine.checkpoint` for the file
+format and the atomic write.
 """
 
 from __future__ import annotations
 
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +22,7 @@ import torch
 from medsa.errors import CheckpointError
 
 from .config import config_to_yaml
+from .outputs import OutputError, describe_os_error
 from .train_step import WarmupCosine
 
 __all__ = ["CheckpointMixin"]
@@ -50,7 +59,12 @@ class CheckpointMixin:
         }
 
     def save(self, name: str) -> Path | None:
-        """Write ``<out_dir>/checkpoints/<name>.{safetensors,json,pt}`` (rank 0 only)."""
+        """Write ``<out_dir>/checkpoints/<name>.{safetensors,json,pt}`` (rank 0 only).
+
+        Raises:
+            OutputError: the write failed (disk full, permission); the previous files are kept.
+        """
+        self._last_save_time = time.monotonic()
         if not self.dist.is_main:
             return None
         from medsa.adapters.io import save_adapter
@@ -58,9 +72,54 @@ class CheckpointMixin:
         from .checkpoint import save_train_state
 
         ckpt = self.out_dir / "checkpoints"
-        ckpt.mkdir(parents=True, exist_ok=True)
-        save_adapter(self.model, ckpt / name)
-        return save_train_state(self._state(), ckpt / f"{name}.pt")
+        target = ckpt / f"{name}.pt"
+        try:
+            ckpt.mkdir(parents=True, exist_ok=True)
+            save_adapter(self.model, ckpt / name)
+            path = save_train_state(self._state(), target)
+        except Exception as e:
+            if not _is_write_error(e):
+                raise
+            raise OutputError(
+                f"cannot write checkpoint {target}: {_write_error_reason(e)}; "
+                + self._kept_checkpoint_note()
+            ) from None
+        if name == "last":
+            self._last_saved_step = self.step
+        return path
+
+    def _kept_checkpoint_note(self) -> str:
+        last = self.out_dir / "checkpoints" / "last.pt"
+        if not last.is_file():
+            return "no checkpoint of this run was written yet"
+        step = getattr(self, "_last_saved_step", None)
+        at = f" (step {step})" if step is not None else ""
+        return f"the last good checkpoint {last}{at} is kept: continue with --resume {self.out_dir}"
+
+    def _periodic_save_due(self) -> bool:
+        """``last`` is due mid-epoch: every ``save_every`` steps or ``save_every_minutes``."""
+        t = self.cfg.train
+        if t.save_every and self.step % t.save_every == 0:
+            return True
+        since = time.monotonic() - getattr(self, "_last_save_time", time.monotonic())
+        return bool(t.save_every_minutes) and since >= 60.0 * t.save_every_minutes
+
+    def _remove_stale_tmp(self) -> int:
+        """Delete temporary files left in ``checkpoints/`` by a write that was killed (rank 0,
+        before training: nothing of this run is writing yet). Returns how many."""
+        ckpt = self.out_dir / "checkpoints"
+        if not self.dist.is_main or not ckpt.is_dir():
+            return 0
+        stale = [p for p in ckpt.glob(".*.tmp") if p.is_file()]
+        for p in stale:
+            p.unlink(missing_ok=True)
+        if stale:
+            print(
+                f"note: removed {len(stale)} temporary file(s) of an interrupted checkpoint write "
+                f"from {ckpt}",
+                file=sys.stderr,
+            )
+        return len(stale)
 
     def load_state(self, state: dict[str, Any]) -> None:
         """Restore weights, optimizer, schedule, RNG and loop position from a training state."""
@@ -105,6 +164,7 @@ class CheckpointMixin:
         self.epoch = int(state["epoch"])
         self.batch_in_epoch = int(state["batch_in_epoch"])
         self.step = int(state["step"])
+        self._last_saved_step = self.step
         self.best_metric = state.get("best_metric")
         self.best_step = state.get("best_step")
         ws = int(state.get("world_size", 1))
@@ -114,3 +174,22 @@ class CheckpointMixin:
                 f"{self.dist.world_size}; the sample order differs from an uninterrupted run",
                 file=sys.stderr,
             )
+
+
+def _is_write_error(e: BaseException) -> bool:
+    """OS write failures, including how torch.save (``RuntimeError ... unexpected pos``) and
+    safetensors (``SafetensorError ... IoError``) report them."""
+    if isinstance(e, OSError):
+        return True
+    text = str(e)
+    return type(e).__name__ == "SafetensorError" or (
+        isinstance(e, RuntimeError)
+        and any(k in text for k in ("unexpected pos", "PytorchStreamWriter", "file write failed"))
+    )
+
+
+def _write_error_reason(e: BaseException) -> str:
+    if isinstance(e, OSError):
+        return describe_os_error(e)
+    first = (str(e).splitlines() or [""])[0][:160]
+    return f"the write failed ({first}); is the disk full?"

@@ -263,8 +263,10 @@ class Trainer(CheckpointMixin, ValidationMixin):
         t0 = time.time()
         is_main = self.dist.is_main
         log = tb = None
+        self._last_save_time = time.monotonic()
         if is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
+            self._remove_stale_tmp()
             (self.out_dir / "config.yaml").write_text(config_to_yaml(cfg))
             if cfg.logging.csv:
                 log = _CSVLog(self.out_dir / "log.csv")
@@ -340,6 +342,8 @@ class Trainer(CheckpointMixin, ValidationMixin):
                     if stop_at_step is not None and self.step >= stop_at_step:
                         stopped = True
                         break
+                    if b < n_batches and self.step < self.total_steps and self._periodic_save_due():
+                        self.save("last")  # mid-epoch (epoch ends and stops save below anyway)
                 if stopped:
                     break
                 # end of epoch

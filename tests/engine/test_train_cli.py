@@ -115,6 +115,7 @@ def test_print_config_applies_overrides(tmp_path: Path, folder_dataset: Path, ca
         (["--set", "train.seed=-1"], "train.seed must be >= 0"),
         (["--set", "train.save_every=-5"], "train.save_every must be >= 0"),
         (["--set", "logging.log_every=0"], "logging.log_every must be >= 1"),
+        (["--set", "method.scale=.nan"], "scale must be a positive (finite) number"),
     ],
 )
 def test_cli_errors(tmp_path: Path, folder_dataset: Path, capsys, args, message) -> None:

@@ -165,6 +165,7 @@ def test_evaluate_cli_end_to_end_2d(tmp_path, capsys):
             str(data),
             "--backbone",
             "vit_tiny",
+            "--random-weights",
             "--device",
             "cpu",
             "--protocols",
@@ -198,6 +199,7 @@ def test_evaluate_cli_end_to_end_2d(tmp_path, capsys):
         (["--protocols", "2pt"], "unknown protocol"),
         (["--seeds", "a,b"], "--seeds"),
         (["--fold", "1"], "--split"),
+        (["--subset", "test"], "--split"),  # no split: would silently score every case
         (["--classes", "liver"], "unknown class"),
         (["--device", "tpu"], "device"),
     ],
@@ -214,6 +216,7 @@ def test_evaluate_cli_errors(tmp_path, capsys, argv, message):
             str(tmp_path / "o"),
             "--backbone",
             "vit_tiny",
+            "--random-weights",
             *argv,
         ]
     )
@@ -230,6 +233,120 @@ def test_evaluate_missing_data_and_bad_config(tmp_path, capsys):
         EvalConfig(protocols=("1pt", "1pt"))
     with pytest.raises(DataError, match="not in the dataset"):
         evaluate_model(object(), SyntheticDataset(2), case_ids=["zzz"])
+
+
+FAST = ["--backbone", "vit_tiny", "--random-weights", "--device", "cpu", "--protocols", "bbox0.5",
+        "--noc-clicks", "0", "--worst", "0", "--quiet"]  # fmt: skip
+
+
+def _write_3d_dataset(root: Path, n: int = 2) -> Path:
+    """nnU-Net layout, one channel, volumes (4, 16, 20) with spacing (3, 1, 1)."""
+    rng = np.random.default_rng(0)
+    (root / "imagesTr").mkdir(parents=True)
+    (root / "labelsTr").mkdir()
+    geo = Image(np.zeros((4, 16, 20)), spacing=(3.0, 1.0, 1.0))
+    for i in range(n):
+        write_image(rng.normal(100, 10, (4, 16, 20)).astype(np.float32),
+                    root / "imagesTr" / f"case{i}_0000.nii.gz", like=geo)  # fmt: skip
+        lab = np.zeros((4, 16, 20), np.uint8)
+        lab[1:3, 3:9, 4:12] = 1
+        write_image(lab, root / "labelsTr" / f"case{i}.nii.gz", like=geo)
+    meta = {"channel_names": {"0": "CT"}, "labels": {"background": 0, "organ": 1},
+            "numTraining": n, "file_ending": ".nii.gz"}  # fmt: skip
+    (root / "dataset.json").write_text(json.dumps(meta))
+    return root
+
+
+def test_evaluate_refuses_label_spacing_mismatch_as_check_data(tmp_path, capsys):
+    """A label whose spacing differs from its image's (a check-data *error*) stops evaluate with
+    the label file named, instead of scoring HD95 / NSD in the wrong millimetres."""
+    from medsa.data.check import check_dataset
+
+    data = _write_3d_dataset(tmp_path / "ds")
+    lab = np.zeros((4, 16, 20), np.uint8)
+    lab[1:3, 3:9, 4:12] = 1
+    write_image(lab, data / "labelsTr" / "case1.nii.gz", spacing=(2.0, 1.0, 1.0))
+    assert any(
+        i["severity"] == "error" and "spacing" in i["message"] for i in check_dataset(data).issues
+    )
+    out = tmp_path / "o"
+    rc = cli_main(["evaluate", "--data", str(data), "--out", str(out), *FAST])
+    err = capsys.readouterr().err
+    assert rc == 1 and "case1.nii.gz" in err and "spacing" in err and "Traceback" not in err
+    assert not (out / "metrics.csv").exists()
+    # an origin-only difference is a check-data warning: evaluated as before
+    write_image(lab, data / "labelsTr" / "case1.nii.gz",
+                like=Image(lab, spacing=(3.0, 1.0, 1.0), origin=(5, 0, 0)))  # fmt: skip
+    assert cli_main(["evaluate", "--data", str(data), "--out", str(out), *FAST]) == 0
+
+
+def test_evaluate_nan_image_names_the_file(tmp_path, capsys):
+    data = _write_3d_dataset(tmp_path / "ds")
+    vol = np.full((4, 16, 20), 100, np.float32)
+    vol[0, 0, 0] = np.nan
+    write_image(vol, data / "imagesTr" / "case0_0000.nii.gz", spacing=(3.0, 1.0, 1.0))
+    rc = cli_main(["evaluate", "--data", str(data), "--out", str(tmp_path / "o"), *FAST])
+    err = capsys.readouterr().err
+    assert rc == 1 and "case0_0000.nii.gz" in err and "NaN" in err
+
+
+def test_evaluate_refuses_to_overwrite_results_without_flag(tmp_path, capsys, monkeypatch):
+    """Existing results are refused before the model is loaded; --overwrite replaces them."""
+    import medsa.engine.evaluate as ev
+
+    data = _write_2d_dataset(tmp_path / "ds", n=1)
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "metrics.csv").write_text("old")
+    argv = ["evaluate", "--data", str(data), "--out", str(out), *FAST]
+    real = ev.load_model
+
+    def no_model(*a, **k):
+        raise AssertionError("the model must not be loaded before the output checks")
+
+    monkeypatch.setattr(ev, "load_model", no_model)
+    rc = cli_main(argv)
+    err = capsys.readouterr().err
+    assert rc == 1 and "metrics.csv" in err and "--overwrite" in err
+    assert (out / "metrics.csv").read_text() == "old"
+    monkeypatch.setattr(ev, "load_model", real)
+    assert cli_main([*argv, "--overwrite"]) == 0
+    assert (out / "metrics.csv").read_text().startswith("case_id")
+
+
+def test_evaluate_unwritable_out_fails_before_work(tmp_path, capsys, monkeypatch):
+    import medsa.engine.evaluate as ev
+
+    data = _write_2d_dataset(tmp_path / "ds", n=1)
+    (tmp_path / "file").write_text("x")
+    out = tmp_path / "file" / "o"  # below a file: cannot be created, even as root
+    monkeypatch.setattr(ev, "load_model", lambda *a, **k: pytest.fail("model loaded"))
+    rc = cli_main(["evaluate", "--data", str(data), "--out", str(out), *FAST])
+    err = capsys.readouterr().err
+    assert rc == 1 and str(out) in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_evaluate_full_disk_is_one_clear_line_and_leaves_no_tmp(tmp_path, capsys, monkeypatch):
+    """A write failing with ENOSPC after the work: one line naming --out and the file, the
+    table still printed, no partial ``.tmp`` file left."""
+    import csv as csv_mod
+    import errno
+
+    data = _write_2d_dataset(tmp_path / "ds", n=1)
+    out = tmp_path / "o"
+
+    def full(self, *a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(csv_mod.DictWriter, "writeheader", full)
+    rc = cli_main(["evaluate", "--data", str(data), "--out", str(out), *FAST])
+    captured = capsys.readouterr()
+    assert rc == 1 and "Traceback" not in captured.err
+    assert "no space left" in captured.err and str(out) in captured.err
+    assert "metrics.csv" in captured.err
+    assert "| vit_tiny" in captured.out  # the numbers are not lost
+    assert not list(out.glob("*.tmp"))
 
 
 @pytest.mark.realdata
@@ -292,6 +409,7 @@ def test_evaluate_cli_split_subset_and_adapter(tmp_path, capsys):
             "1",
             "--adapter",
             str(tmp_path / "ad" / "medsa.safetensors"),
+            "--random-weights",  # the adapter holds only Med-SA's weights, vit_tiny has none
             "--device",
             "cpu",
             "--protocols",
@@ -320,6 +438,7 @@ def test_evaluate_cli_split_subset_and_adapter(tmp_path, capsys):
             "2",
             "--backbone",
             "vit_tiny",
+            "--random-weights",
             "--out",
             str(out),
         ]
@@ -407,6 +526,7 @@ def test_predict_auto_with_masam_adapter(masam_model, tmp_path, capsys):
             "--auto",
             "--adapter",
             str(tmp_path / "masam.safetensors"),
+            "--random-weights",  # MA-SAM's adapter on vit_tiny, which has no weights
             "--depth",
             "2",
             "--device",
@@ -427,8 +547,9 @@ def test_predict_auto_with_masam_adapter(masam_model, tmp_path, capsys):
             "--auto",
             "--backbone",
             "vit_tiny",
+            "--random-weights",
             "--out",
-            str(out),
+            str(tmp_path / "out2"),
         ]
     )
     assert rc == 1 and "multi-class head" in capsys.readouterr().err

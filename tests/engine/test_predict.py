@@ -19,7 +19,7 @@ from medsa.engine.predict import (
 )
 from medsa.errors import DataError, PromptError
 
-TINY = ["--backbone", "vit_tiny", "--device", "cpu"]
+TINY = ["--backbone", "vit_tiny", "--random-weights", "--device", "cpu"]
 
 
 @pytest.fixture
@@ -157,6 +157,54 @@ def test_predict_cli_prompt_errors(inputs: Path, tmp_path: Path, capsys, argv, m
     rc = cli_main(["predict", str(inputs / "a.png"), "--out", str(tmp_path / "o"), *argv, *TINY])
     assert rc == 1
     assert message in capsys.readouterr().err
+
+
+def test_predict_refuses_to_overwrite_results_without_flag(inputs: Path, tmp_path: Path, capsys):
+    """Existing results are kept (exit 1, the file named) unless --overwrite; checked before the
+    model is loaded, so nothing at all is written."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "a_mask.png").write_bytes(b"old result")
+    argv = ["predict", str(inputs / "a.png"), str(inputs / "sub"), "--out", str(out)]
+    rc = cli_main([*argv, "--box", "4,4,30,30", *TINY])
+    err = capsys.readouterr().err
+    assert rc == 1 and "a_mask.png" in err and "--overwrite" in err and "Traceback" not in err
+    assert (out / "a_mask.png").read_bytes() == b"old result"
+    assert not (out / "b_mask.png").exists()  # refused before any work, not per file
+    assert cli_main([*argv, "--box", "4,4,30,30", "--overwrite", *TINY]) == 0
+    assert read_image(out / "a_mask.png").array.shape == (40, 50)
+
+
+def test_predict_unwritable_out_fails_before_work(inputs: Path, tmp_path: Path, capsys):
+    """An --out that cannot be created is one clear line naming it, before the model loads."""
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    out = blocker / "sub"  # a folder below a file: cannot be created, even as root
+    rc = cli_main(["predict", str(inputs / "a.png"), "--out", str(out), "--box", "1,1,9,9", *TINY])
+    err = capsys.readouterr().err
+    assert rc == 1 and str(out) in err and "--out" in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_predict_slice_on_2d_image_is_an_error(inputs: Path, tmp_path: Path, capsys):
+    """--slice names slices of a volume; given with a 2D image it is refused, not ignored."""
+    out = tmp_path / "o"
+    argv = ["predict", str(inputs / "a.png"), "--out", str(out), "--box", "4,4,30,30"]
+    rc = cli_main([*argv, "--slice", "2", *TINY])
+    err = capsys.readouterr().err
+    assert rc == 1 and "a.png" in err and "--slice" in err and "2D" in err
+    assert not (out / "a_mask.png").exists()
+
+
+def test_predict_refuses_random_weights_unless_asked(inputs: Path, tmp_path: Path, capsys):
+    """A backbone without weights gives meaningless masks: exit 1 unless --random-weights."""
+    out = tmp_path / "o"
+    argv = ["predict", str(inputs / "a.png"), "--out", str(out), "--box", "4,4,30,30"]
+    rc = cli_main([*argv, "--backbone", "vit_tiny", "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert rc == 1 and "vit_tiny" in err and "--checkpoint" in err and "--random-weights" in err
+    assert not (out / "a_mask.png").exists()
+    assert cli_main([*argv, "--backbone", "vit_tiny", "--random-weights", "--device", "cpu"]) == 0
 
 
 def test_prompt_parsing():

@@ -170,7 +170,7 @@ def test_old_adapter_without_settings_loads_with_a_warning(trained, tmp_path):
     assert len(warned) == 1 and "pass --depth N" in warned[0]
     assert resolve_inference(old, depth=3, warn=warned.append).depth == 3 and len(warned) == 1
     # still loads (the old file has no model options: the backbone's own img_size)
-    build_inference_model(resolve_inference(old, warn=warned.append), "cpu")
+    build_inference_model(resolve_inference(old, warn=warned.append), "cpu", random_weights=True)
 
 
 def test_evaluate_uses_the_stored_depth_and_refuses_a_contradicting_one(
@@ -188,7 +188,7 @@ def test_evaluate_uses_the_stored_depth_and_refuses_a_contradicting_one(
 
     monkeypatch.setattr(ev, "ChunkEncoder", Recording)
     base = ["evaluate", "--data", str(volumes), "--adapter", str(trained), "--device", "cpu",
-            "--protocols", "bbox0.75", "--noc-clicks", "0", "--worst", "0", "--max-cases", "1",
+            "--random-weights", "--protocols", "bbox0.75", "--noc-clicks", "0", "--worst", "0", "--max-cases", "1",
             "--quiet"]  # fmt: skip
     assert main([*base, "--out", str(tmp_path / "e")]) == 0, capsys.readouterr().err
     assert depths == [3]  # SD-Trans chunks of the training depth, without --depth
@@ -315,7 +315,7 @@ def test_evaluate_names_classes_of_a_dataset_without_json_as_training_did(
                  inference={"depth": None, "resize_to": None, "intensity": "auto",
                             "classes": {"organ": 1}})  # fmt: skip
     argv = ["evaluate", "--data", str(root), "--adapter", str(tmp_path / "ad"), "--device", "cpu",
-            "--protocols", "bbox0.75", "--noc-clicks", "0", "--worst", "0", "--max-cases", "1",
+            "--random-weights", "--protocols", "bbox0.75", "--noc-clicks", "0", "--worst", "0", "--max-cases", "1",
             "--quiet", "--out", str(tmp_path / "e")]  # fmt: skip
     assert main(argv) == 0, capsys.readouterr().err
     summary = json.loads((tmp_path / "e" / "summary.json").read_text())
@@ -339,7 +339,7 @@ def test_predict_cli_runs_the_adapter_as_trained(trained, tmp_path, capsys, monk
     img, _ = _volume(np.random.default_rng(2))
     src = write_image(img, tmp_path / "v.nii.gz", like=_geo())
     argv = ["predict", str(src), "--adapter", str(trained), "--box", "6,8,17,19", "--slice", "3",
-            "--device", "cpu"]  # fmt: skip
+            "--device", "cpu", "--random-weights"]  # fmt: skip
     assert main([*argv, "--out", str(tmp_path / "p")]) == 0, capsys.readouterr().err
     assert seen == [((10, 16, 16), 3)]
     a, b = read_image(src), read_image(tmp_path / "p" / "v_mask.nii.gz")

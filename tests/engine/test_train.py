@@ -391,3 +391,127 @@ def test_resume_can_extend_a_finished_run(tmp_path: Path) -> None:
     assert longer.step == 5 and [h["step"] for h in longer.history] == [3, 4, 5]
     sched = WarmupCosine(5, 1)  # the new, longer schedule (lr 3e-3, warm-up 1)
     assert [h["lr"] for h in longer.history] == pytest.approx([3e-3 * sched(i) for i in (3, 4, 5)])
+
+
+class _Killed(Exception):
+    """Stands in for kill -9 right after a checkpoint write."""
+
+
+def test_save_every_writes_mid_epoch_and_resumes_exactly(tmp_path: Path) -> None:
+    """train.save_every: ``last`` is written mid-epoch; a run killed right after it resumes from
+    that checkpoint to bitwise the same weights and losses as an uninterrupted run."""
+    data = Rectangles(8)  # batch 2: 4 steps per epoch
+    n = 6
+
+    def cfg(out: str, **train):
+        return make_cfg(
+            tmp_path / out,
+            train={"max_steps": n, "save_every": 3, "save_every_minutes": 0, **train},
+            prompts={"clicks": 2},
+        )
+
+    straight = make_trainer(cfg("straight"), data)
+    straight.fit()
+
+    first = make_trainer(cfg("killed"), data)
+    real_save = first.save
+
+    def save_then_die(name: str):
+        path = real_save(name)
+        if first.step == 3:
+            raise _Killed
+        return path
+
+    first.save = save_then_die  # type: ignore[method-assign]
+    with pytest.raises(_Killed):
+        first.fit()
+    state = load_train_state(tmp_path / "killed" / "checkpoints" / "last.pt")
+    assert (state["epoch"], state["batch_in_epoch"], state["step"]) == (0, 3, 3)  # mid-epoch
+
+    torch.manual_seed(1234)  # the resumed process starts with unrelated RNG state
+    np.random.seed(99)
+    second = make_trainer(cfg("killed"), data)
+    second.load_state(state)
+    second.fit()
+    assert second.step == straight.step == n
+    pa = dict(straight.model.named_parameters())
+    assert all(torch.equal(p, pa[k]) for k, p in second.model.named_parameters())
+    losses = [h["loss"] for h in straight.history]
+    assert [h["loss"] for h in first.history + second.history] == losses
+
+
+def test_save_schedule_by_steps_and_minutes(tmp_path: Path) -> None:
+    """Which steps write ``last``: every save_every steps mid-epoch plus each epoch end; with
+    save_every_minutes after that much time (here: any time, so every step)."""
+    data = Rectangles(8)  # 4 steps per epoch
+
+    def saved_steps(**train) -> list[int]:
+        tr = make_trainer(
+            make_cfg(tmp_path / str(len(train)), train={"max_steps": 8, **train}), data
+        )
+        steps: list[int] = []
+        real = tr.save
+        tr.save = lambda name: (steps.append(tr.step), real(name))[1]  # type: ignore[method-assign]
+        tr.fit()
+        return steps
+
+    assert saved_steps(save_every=0, save_every_minutes=0) == [4, 8, 8]  # epoch ends (+ best)
+    assert saved_steps(save_every=3, save_every_minutes=0) == [3, 4, 6, 8, 8]
+    assert saved_steps(save_every=0, save_every_minutes=1e-9) == [1, 2, 3, 4, 5, 6, 7, 8, 8]
+
+
+def test_stale_tmp_files_are_removed_on_start(tmp_path: Path, capsys) -> None:
+    """A kill during an atomic write leaves ``.<name>.<random>.tmp``; the next start removes it."""
+    ck = tmp_path / "checkpoints"
+    ck.mkdir(parents=True)
+    stale = [ck / ".last.pt.k3j2.tmp", ck / ".last.safetensors.x9.tmp"]
+    for p in stale:
+        p.write_bytes(b"partial")
+    keep = ck / "notes.tmp"  # not one of ours (no leading dot): left alone
+    keep.write_text("x")
+    make_trainer(make_cfg(tmp_path, train={"max_steps": 1}), Rectangles(2)).fit()
+    assert not any(p.exists() for p in stale) and keep.exists()
+    assert "removed 2 temporary file(s)" in capsys.readouterr().err
+    assert load_train_state(ck / "last.pt")["step"] == 1
+
+
+@pytest.mark.parametrize(
+    ("error", "message"),
+    [
+        (OSError(28, "No space left on device"), "no space left"),
+        (OSError(13, "Permission denied"), "permission denied"),
+        # what torch.save itself raises when the disk fills up mid-write
+        (
+            RuntimeError("[enforce fail at inline_container.cc:603] . unexpected pos 64 vs 0"),
+            "is the disk full",
+        ),  # fmt: skip
+    ],
+)
+def test_failed_checkpoint_write_keeps_last_good_one(tmp_path: Path, monkeypatch, error, message):
+    """A checkpoint write that fails (full disk, permissions) is one clear OutputError naming
+    the file and the last good checkpoint, which stays loadable; no .tmp is left behind."""
+    from medsa.engine import checkpoint as ckpt_mod
+    from medsa.engine.outputs import OutputError
+
+    tr = make_trainer(
+        make_cfg(tmp_path, train={"max_steps": 3, "save_every": 1, "save_every_minutes": 0}),
+        Rectangles(8),
+    )
+    real = ckpt_mod.torch.save
+    calls = []
+
+    def failing_save(obj, f, *a, **k):
+        calls.append(1)
+        if len(calls) == 2:  # the step-2 checkpoint
+            f.write(b"half a checkpoint")
+            raise error
+        return real(obj, f, *a, **k)
+
+    monkeypatch.setattr(ckpt_mod.torch, "save", failing_save)
+    with pytest.raises(OutputError) as e:
+        tr.fit()
+    msg = str(e.value)
+    assert message in msg and "last.pt" in msg and "(step 1) is kept" in msg, msg
+    assert "\n" not in msg
+    assert load_train_state(tmp_path / "checkpoints" / "last.pt")["step"] == 1
+    assert not list((tmp_path / "checkpoints").glob("*.tmp"))

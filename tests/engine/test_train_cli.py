@@ -108,6 +108,14 @@ def test_print_config_applies_overrides(tmp_path: Path, folder_dataset: Path, ca
         (["--set", "method=lora"], "needs a mapping"),
         (["--resume", "/nonexistent/run"], "no such file or folder"),
         (["--stop-after-steps", "0"], "--stop-after-steps must be >= 1"),
+        # non-finite / negative numbers are config errors, not NaN training or a traceback
+        (["--set", "optim.lr=.nan"], "optim.lr must be a finite number"),
+        (["--set", "optim.weight_decay=.inf"], "optim.weight_decay must be a finite number"),
+        (["--set", "loss.lambda_dice=-1"], "loss weights must be >= 0"),
+        (["--set", "train.seed=-1"], "train.seed must be >= 0"),
+        (["--set", "train.save_every=-5"], "train.save_every must be >= 0"),
+        (["--set", "logging.log_every=0"], "logging.log_every must be >= 1"),
+        (["--set", "method.scale=.nan"], "scale must be a positive (finite) number"),
     ],
 )
 def test_cli_errors(tmp_path: Path, folder_dataset: Path, capsys, args, message) -> None:
@@ -124,3 +132,45 @@ def test_cli_corrupt_resume_checkpoint(tmp_path: Path, folder_dataset: Path, cap
     (ck / "last.pt").write_bytes(b"\x00" * 100)
     assert cli(["train", "--resume", str(tmp_path / "run")]) == 1
     assert "unreadable" in capsys.readouterr().err
+
+
+def test_cli_unwritable_out_dir_is_one_line(tmp_path: Path, folder_dataset: Path, capsys) -> None:
+    cfg = _config(tmp_path, folder_dataset)
+    (tmp_path / "file").write_text("x")
+    out = tmp_path / "file" / "run"  # below a file: cannot be created, even as root
+    assert cli(["train", "-c", str(cfg), "--out-dir", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert str(out) in err and "out_dir" in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_cli_disk_full_keeps_last_checkpoint_and_resumes(
+    tmp_path: Path, folder_dataset: Path, capsys, monkeypatch
+) -> None:
+    """ENOSPC while writing a checkpoint: exit 1 with one line naming it; the last good
+    checkpoint is kept and the run continues from it with --resume."""
+    import errno
+
+    from medsa.engine import checkpoint as ckpt_mod
+
+    cfg = _config(tmp_path, folder_dataset)
+    run = tmp_path / "run"
+    real = ckpt_mod.torch.save
+    calls = []
+
+    def full_disk(obj, f, *a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(obj, f, *a, **k)
+
+    monkeypatch.setattr(ckpt_mod.torch, "save", full_disk)
+    argv = ["train", "-c", str(cfg), "--set", "train.save_every=1"]
+    assert cli(argv) == 1
+    err = capsys.readouterr().err
+    assert "no space left" in err and "last.pt (step 1) is kept" in err and "--resume" in err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert torch.load(run / "checkpoints" / "last.pt", weights_only=True)["step"] == 1
+    monkeypatch.setattr(ckpt_mod.torch, "save", real)
+    assert cli(["train", "--resume", str(run)]) == 0
+    assert torch.load(run / "checkpoints" / "last.pt", weights_only=True)["step"] == 4

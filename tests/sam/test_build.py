@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -111,8 +112,30 @@ def test_pickled_code_is_refused(tmp_path) -> None:
 
     path = tmp_path / "obj.pth"
     torch.save({"x": _Obj()}, path)
-    with pytest.raises(CheckpointError, match="could not read"):
+    with pytest.raises(CheckpointError, match="could not read") as e:
         read_state_dict(path)
+    # medsa never suggests unsafe loading: torch's hint that weights_only=False "will likely
+    # succeed" must not be passed on (nor the message's other lines)
+    msg = str(e.value)
+    assert "weights_only" not in msg and "likely succeed" not in msg and "\n" not in msg
+    assert "obj.pth" in msg
+
+
+def test_pickled_code_is_refused_by_the_cli(tmp_path, capsys) -> None:
+    """Same through `medsa predict --checkpoint`: one line, no unsafe-loading hint."""
+    from medsa.cli import main
+
+    path = tmp_path / "obj.pth"
+    torch.save({"x": _Obj()}, path)
+    img = tmp_path / "a.png"
+    from medsa.data.io import write_image
+
+    write_image(np.zeros((16, 16), np.uint8), img)
+    argv = ["predict", str(img), "--box", "1,1,8,8", "--out", str(tmp_path / "o")]
+    rc = main([*argv, "--backbone", "vit_tiny", "--checkpoint", str(path), "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert rc == 1 and "obj.pth" in err
+    assert "weights_only" not in err and "likely succeed" not in err and "Traceback" not in err
 
 
 class _Obj:

@@ -41,6 +41,8 @@ def test_help_lists_options(capsys):
         (["--backbone", "vit_tiny", "--device", "bogus"], "--device"),
         (["--backbone", "nope"], "unknown model"),
         (["--backbone", "vit_tiny", "--checkpoint", "/no/such.pth"], "such.pth"),
+        # a backbone without weights gives meaningless masks: refused unless asked for
+        (["--backbone", "vit_tiny"], "--random-weights"),
     ],
 )
 def test_user_errors_exit_1_without_traceback(tmp_path, capsys, argv, message):
@@ -62,14 +64,14 @@ def test_precision_bf16_casts_the_model_or_refuses(monkeypatch):
     from medsa.errors import ConfigError
     from medsa.serve.cli import build_model
 
-    fp32 = build_model("vit_tiny", None, None, "cpu")
+    fp32 = build_model("vit_tiny", None, None, "cpu", random_weights=True)
     assert next(fp32.parameters()).dtype == torch.float32
     monkeypatch.setattr(perf, "supports_bf16", lambda device: True)
-    bf16 = build_model("vit_tiny", None, None, "cpu", "bf16")
+    bf16 = build_model("vit_tiny", None, None, "cpu", "bf16", random_weights=True)
     assert {p.dtype for p in bf16.parameters()} == {torch.bfloat16}
     monkeypatch.setattr(perf, "supports_bf16", lambda device: False)
     with pytest.raises(ConfigError, match="no native bfloat16"):
-        build_model("vit_tiny", None, None, "cpu", "bf16")
+        build_model("vit_tiny", None, None, "cpu", "bf16", random_weights=True)
 
 
 @pytest.mark.slow
@@ -78,7 +80,7 @@ def test_serve_starts_and_answers(tmp_path):
 
     (tmp_path / "data").mkdir()
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    cmd = [sys.executable, "-m", "medsa.cli", "serve", "--backbone", "vit_tiny", "--port", "0",
+    cmd = [sys.executable, "-m", "medsa.cli", "serve", "--backbone", "vit_tiny", "--random-weights", "--port", "0",
            "--root", str(tmp_path / "data"), "--output", str(tmp_path / "out")]  # fmt: skip
     proc = subprocess.Popen(
         cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env

@@ -8,6 +8,7 @@ This module does not import torch.
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,8 +38,13 @@ def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
 def _check_positive(name: str, value: Any, allow_none: bool = False) -> None:
     if value is None and allow_none:
         return
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
-        raise ConfigError(f"{name} must be a positive number; got {value!r}")
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or not math.isfinite(value)  # nan passes "<= 0"
+        or value <= 0
+    ):
+        raise ConfigError(f"{name} must be a positive (finite) number; got {value!r}")
 
 
 def _check_int(name: str, value: Any, allow_none: bool = False) -> None:

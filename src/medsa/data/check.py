@@ -33,14 +33,29 @@ import os
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from medsa.errors import DataError, MedsaError
 
+if TYPE_CHECKING:
+    from medsa.data.io import Image
+
 HELP = "integrity check of a dataset folder (nnU-Net style report)"
 
-__all__ = ["HELP", "add_arguments", "main", "CheckReport", "check_dataset"]
+__all__ = [
+    "HELP",
+    "add_arguments",
+    "main",
+    "CheckReport",
+    "check_dataset",
+    "label_geometry_errors",
+    "label_geometry_issues",
+]
+
+#: 2D formats without geometry: their spacing / affine are not compared
+RASTER_FORMATS = ("png", "jpeg", "bmp", "tiff")
 
 
 @dataclass
@@ -187,6 +202,53 @@ def _check_case(info, case, report: CheckReport) -> None:
         _check_label(info, lp, lab, ref, report)
 
 
+def label_geometry_issues(lab: Image, ref: Image, folder_layout: bool) -> list[tuple[str, str]]:
+    """``(severity, message)`` of a label against its image, as ``check-data`` reports them:
+    shape mismatch (error), spacing mismatch (error), origin / direction mismatch (warning).
+
+    Spacing and affine are compared for volumes and for 2D formats that carry geometry (not for
+    PNG / JPEG / BMP / TIFF rasters). ``folder_layout``: 2D masks may be colour ``(H, W, C)``.
+    ``medsa evaluate`` refuses a case with an error here (one comparison for both commands).
+    """
+    a = lab.array
+    if folder_layout and not lab.is_3d:
+        lshape = tuple(a.shape[:2]) if a.ndim == 3 else tuple(a.shape)
+    else:
+        lshape = lab.spatial_shape
+    if lshape != ref.spatial_shape:
+        return [("error", f"label shape {lshape} differs from image shape {ref.spatial_shape}")]
+    if not (ref.is_3d or ref.format not in RASTER_FORMATS):
+        return []
+    if not np.allclose(lab.spacing, ref.spacing, rtol=1e-3):
+        return [("error", f"label spacing {lab.spacing} differs from image spacing {ref.spacing}")]
+    if not (
+        np.allclose(lab.origin, ref.origin, atol=1e-3)
+        and np.allclose(lab.direction, ref.direction, atol=1e-3)
+    ):
+        return [("warning", "label origin/direction (affine) differs from the image's")]
+    return []
+
+
+def label_geometry_errors(info: Any, case: Any, image: Image) -> list[str]:
+    """Messages ``"<label path>: <problem>"`` of the *errors* :func:`label_geometry_issues` finds
+    for ``case``'s labels against its (already read) ``image``; ``[]`` for plain 2D rasters,
+    whose shapes ``DatasetInfo.load_case`` checks (nothing else to compare)."""
+    from medsa.data.io import read_image
+
+    if not (image.is_3d or image.format not in RASTER_FORMATS):
+        return []
+    folder = info.layout == "folder"
+    paths = [case.label, *case.extra_labels] if folder else [case.label]
+    out = []
+    for lp in paths:
+        if lp is None:
+            continue
+        for severity, message in label_geometry_issues(read_image(lp), image, folder):
+            if severity == "error":
+                out.append(f"{lp}: {message}")
+    return out
+
+
 def _check_label(info, lp: Path, lab, ref, report: CheckReport) -> None:
     arr = lab.array
     if not _finite(arr):
@@ -197,27 +259,8 @@ def _check_label(info, lp: Path, lab, ref, report: CheckReport) -> None:
             report.add(lp, "warning", f"mask is colour {arr.shape}; its first channel is used")
         arr = arr[..., 0]
     if ref is not None:
-        lshape = (
-            tuple(arr.shape) if info.layout == "folder" and not lab.is_3d else lab.spatial_shape
-        )
-        if lshape != ref.spatial_shape:
-            report.add(
-                lp, "error", f"label shape {lshape} differs from image shape {ref.spatial_shape}"
-            )
-        elif ref.is_3d or ref.format not in ("png", "jpeg", "bmp", "tiff"):
-            if not np.allclose(lab.spacing, ref.spacing, rtol=1e-3):
-                report.add(
-                    lp,
-                    "error",
-                    f"label spacing {lab.spacing} differs from image spacing {ref.spacing}",
-                )
-            elif not (
-                np.allclose(lab.origin, ref.origin, atol=1e-3)
-                and np.allclose(lab.direction, ref.direction, atol=1e-3)
-            ):
-                report.add(
-                    lp, "warning", "label origin/direction (affine) differs from the image's"
-                )
+        for severity, message in label_geometry_issues(lab, ref, info.layout == "folder"):
+            report.add(lp, severity, message)
     if np.issubdtype(arr.dtype, np.floating) and not np.array_equal(arr, np.rint(arr)):
         report.add(lp, "error", "label has non-integer values")
         return

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -63,7 +64,7 @@ class DataSection:
     #: class names to train on (list), or a {name: label value} mapping that names the classes
     #: of a dataset without a dataset.json (e.g. ACDC {RV: 1, MYO: 2, LV: 3}); None = every class
     classes: list[str] | dict[str, int] | None = None
-    split_seed: int = 0  #: seed of the case-level split
+    split_seed: int = 0  #: seed of the case-level split (>= 0)
     n_folds: int = 5  #: cross-validation folds of the train+val part
     fold: int = 0  #: which fold is validation
     test_fraction: float = 0.2  #: share of cases held out as the test split
@@ -82,6 +83,8 @@ class DataSection:
     max_val_items: int | None = None  #: cap the number of validation samples
 
     def __post_init__(self) -> None:
+        if self.split_seed < 0:
+            raise ConfigError(f"data.split_seed must be >= 0; got {self.split_seed}")
         if self.n_folds < 2:
             raise ConfigError(f"data.n_folds must be >= 2; got {self.n_folds}")
         if not 0 <= self.fold < self.n_folds:
@@ -197,6 +200,11 @@ class TrainSection:
     num_workers: int = 0
     val_every: int = 1  #: validate every N epochs (0 = never; best = last)
     val_at_start: bool = False  #: also validate before the first step (the zero-shot baseline)
+    #: also write checkpoints/last.* every N optimizer steps (0: only by time and at epoch ends)
+    save_every: int = 0
+    #: also write checkpoints/last.* when this many minutes of training passed since the last
+    #: save (0: off); at most this much work is lost to a kill, even in a long epoch
+    save_every_minutes: float = 5.0
     out_dir: str = "runs/medsa"
 
     def __post_init__(self) -> None:
@@ -205,8 +213,11 @@ class TrainSection:
                 raise ConfigError(f"train.{name} must be >= 1; got {getattr(self, name)}")
         if self.max_steps is not None and self.max_steps < 1:
             raise ConfigError(f"train.max_steps must be >= 1 or null; got {self.max_steps}")
-        if self.num_workers < 0 or self.val_every < 0:
-            raise ConfigError("train.num_workers and train.val_every must be >= 0")
+        for name in ("num_workers", "val_every", "save_every", "save_every_minutes", "seed"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"train.{name} must be >= 0; got {getattr(self, name)}")
+        if not self.out_dir:
+            raise ConfigError("train.out_dir must not be empty")
 
 
 @dataclass
@@ -215,6 +226,10 @@ class LoggingSection:
     csv: bool = True  #: <out_dir>/log.csv, one row per log / validation event
     log_every: int = 10  #: optimizer steps between loss log rows
     progress: bool = True  #: tqdm bar on rank 0
+
+    def __post_init__(self) -> None:
+        if self.log_every < 1:
+            raise ConfigError(f"logging.log_every must be >= 1; got {self.log_every}")
 
 
 def _default_method() -> dict[str, Any]:
@@ -306,6 +321,8 @@ def _coerce(value: Any, tp: Any, name: str) -> Any:
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{name} must be a number; got {value!r}")
+        if not math.isfinite(value):  # .nan / .inf from YAML would train garbage silently
+            raise ConfigError(f"{name} must be a finite number; got {value!r}")
         return float(value)
     if tp is str:
         if not isinstance(value, (str, int, float)) or isinstance(value, bool):

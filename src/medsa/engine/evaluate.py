@@ -36,13 +36,33 @@ from medsa.engine.inference import (
     segment_everything,
 )
 from medsa.engine.metrics import MetricConfig, compute_metrics
-from medsa.errors import CheckpointError, ConfigError, DataError, PromptError
+from medsa.engine.model_loading import RANDOM_WEIGHTS_HELP, load_model
+from medsa.engine.outputs import OutputError, check_writable_dir, describe_os_error, refuse_existing
+from medsa.errors import ConfigError, DataError, PromptError
 
 HELP = "Dice / IoU / HD95 / NSD of a model under the papers' prompt protocols"
 
-__all__ = ["HELP", "EvalConfig", "EvalResults", "evaluate_model", "add_arguments", "main"]
+__all__ = [
+    "HELP",
+    "EvalConfig",
+    "EvalResults",
+    "evaluate_model",
+    "add_arguments",
+    "load_model",
+    "main",
+]
 
 DEFAULT_PROTOCOLS: tuple[str, ...] = ("1pt", "3pt", "bbox0.5", "bbox0.75")
+
+#: what ``medsa evaluate`` writes into ``--out`` (existing ones need ``--overwrite``)
+OUTPUT_FILES = (
+    "metrics.csv",
+    "summary.json",
+    "results.md",
+    "dice_per_class.png",
+    "noc.png",
+    "worst_cases.png",
+)
 
 
 @dataclass(frozen=True)
@@ -290,9 +310,21 @@ def _evaluate_case(
     from medsa.data.prompts import get_protocol, next_click
 
     img, targets = ds.load_case(case)
+    if hasattr(ds, "layout") and hasattr(img, "spacing"):
+        from medsa.data.check import label_geometry_errors
+
+        # a label whose spacing differs from its image scores HD95 / NSD in the wrong mm (and
+        # check-data calls it an error): refuse instead of reporting numbers
+        bad = label_geometry_errors(ds, case, img)
+        if bad:
+            raise DataError(f"case {case.id!r}: {bad[0]} (see `medsa check-data {ds.root}`)")
     is_3d = bool(getattr(img, "is_3d", getattr(ds, "dim", 2) == 3))
     # (H, W, 3) / (D, H, W, 3) float in [0, 255], scaled as the training datasets do
-    x = model_input(img.array, is_3d, cfg.intensity)
+    try:
+        x = model_input(img.array, is_3d, cfg.intensity)
+    except DataError as e:  # e.g. NaN / inf values: name the file
+        where = ", ".join(str(p) for p in getattr(case, "images", ())) or str(case.id)
+        raise DataError(f"case {case.id!r} ({where}): {e}") from None
     gts = {}
     for c in classes:
         if c not in targets:
@@ -506,9 +538,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--subset",
-        default="val",
         choices=("val", "test", "train"),
-        help="which list of the fold to evaluate (default val)",
+        help="which list of the --split fold to evaluate (default val; needs --split)",
     )
     p.add_argument(
         "--backbone",
@@ -516,6 +547,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "(default: the adapter's backbone, else lite_medsam)",
     )
     p.add_argument("--checkpoint", type=Path, help="backbone weights (default: the backbone's own)")
+    p.add_argument("--random-weights", action="store_true", help=RANDOM_WEIGHTS_HELP)
     p.add_argument(
         "--adapter", type=Path, help="adapter file saved by 'medsa train' (.safetensors)"
     )
@@ -564,6 +596,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--name", help="method name in the table (default: backbone [+ adapter])")
     p.add_argument("--out", type=Path, required=True, help="output folder")
     p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace results already in --out (without it the command refuses before any work)",
+    )
+    p.add_argument(
         "--device", default="auto", help="cpu, cuda, cuda:N or auto (default: CUDA if available)"
     )
     p.add_argument("--quiet", action="store_true", help="no per-case progress lines")
@@ -576,22 +613,6 @@ def _csv_list(s: str | None, what: str) -> list[str]:
     if not items:
         raise ConfigError(f"--{what} is empty")
     return items
-
-
-def load_model(
-    backbone: str | None, checkpoint: Path | None, adapter: Path | None, device: Any
-) -> Any:
-    """Build the backbone (``medsa.sam.build_sam``), apply a saved adapter, move to ``device``.
-
-    ``backbone=None`` means: the backbone recorded in the adapter's JSON, else ``lite_medsam``
-    (settings resolved by :func:`medsa.engine.model_loading.resolve_inference`).
-    """
-    from medsa.engine.model_loading import build_inference_model, resolve_inference
-
-    if checkpoint is not None and not Path(checkpoint).exists():
-        raise CheckpointError(f"checkpoint {checkpoint} does not exist")
-    settings = resolve_inference(adapter, backbone=backbone, checkpoint=checkpoint)
-    return build_inference_model(settings, device)
 
 
 def _case_ids_from_split(path: Path, fold: int | None, ds: Any, subset: str = "val") -> list[str]:
@@ -655,8 +676,6 @@ def main(args: argparse.Namespace) -> int:
     if not args.data.exists():
         raise DataError(f"dataset folder {args.data} does not exist")
     out: Path = args.out
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"--out {out} exists and is not a folder")
     from medsa.data.datasets import load_dataset
 
     ds = load_dataset(args.data)
@@ -665,11 +684,18 @@ def main(args: argparse.Namespace) -> int:
         ds = load_dataset(args.data, classes=settings.classes)
     if args.fold is not None and args.split is None:
         raise ConfigError("--fold needs --split FILE")
-    case_ids = _case_ids_from_split(args.split, args.fold, ds, args.subset) if args.split else None
+    if args.subset is not None and args.split is None:
+        # without a split there are no subsets: every case would be scored
+        raise ConfigError(f"--subset {args.subset} needs --split FILE (the splits JSON)")
+    subset = args.subset or "val"
+    case_ids = _case_ids_from_split(args.split, args.fold, ds, subset) if args.split else None
+    # before the model is loaded and anything is computed
+    check_writable_dir(out, "--out")
+    refuse_existing([out / name for name in OUTPUT_FILES], "--out", args.overwrite)
     from medsa.engine.perf import resolve_device
 
     device = resolve_device(args.device)
-    model = build_inference_model(settings, device)
+    model = build_inference_model(settings, device, random_weights=args.random_weights)
     backbone = getattr(model, "name", None) or settings.backbone
     method = args.name or (backbone + (f" + {args.adapter.stem}" if args.adapter else ""))
     res = evaluate_model(
@@ -680,9 +706,15 @@ def main(args: argparse.Namespace) -> int:
         progress=not args.quiet,
         keep_worst=cfg.worst_k > 0,
     )
-    out.mkdir(parents=True, exist_ok=True)
-    written = write_outputs(res, out, method)
-    print(report.markdown_table(res.summary, method, len(cfg.seeds)))
+    print(report.markdown_table(res.summary, method, len(cfg.seeds)))  # also if writing fails
+    try:
+        written = write_outputs(res, out, method)
+    except OSError as e:
+        name = Path(e.filename).name if getattr(e, "filename", None) else "the results"
+        raise OutputError(
+            f"--out {out}: cannot write {name}: {describe_os_error(e)}; the table above is all "
+            "that was kept"
+        ) from None
     print(
         f"{len(res.rows)} rows in {res.seconds:.1f} s; wrote " + ", ".join(p.name for p in written)
     )

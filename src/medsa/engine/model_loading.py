@@ -32,6 +32,9 @@ __all__ = [
     "dataset_classes",
     "resolve_inference",
     "build_inference_model",
+    "load_model",
+    "RANDOM_WEIGHTS_HELP",
+    "SHIPPED_WEIGHTS",
     "parse_resize_to",
     "has_depth_modules",
 ]
@@ -226,17 +229,80 @@ def resolve_inference(
     )
 
 
-def build_inference_model(settings: InferenceSettings, device: Any) -> Any:
+#: backbones whose ``build_sam`` loads shipped weights when no checkpoint is given
+SHIPPED_WEIGHTS = ("lite_medsam",)
+
+RANDOM_WEIGHTS_HELP = (
+    "allow a backbone without weights (no --checkpoint, e.g. vit_tiny or vit_b): its masks are "
+    "meaningless; for tests and smoke runs only"
+)
+
+
+def build_inference_model(
+    settings: InferenceSettings, device: Any, random_weights: bool = False
+) -> Any:
     """Backbone (``build_sam(backbone, checkpoint, **model_options)``) with the adapter applied,
-    in eval mode on ``device``."""
+    in eval mode on ``device``.
+
+    A backbone that would keep random weights (no checkpoint and none shipped, and no adapter
+    that holds every parameter, e.g. full fine-tuning) is refused unless ``random_weights``:
+    such a model exits 0 with meaningless masks.
+
+    Raises:
+        ConfigError: random weights without ``random_weights=True``.
+        CheckpointError: missing / unreadable / mismatching checkpoint or adapter.
+    """
     from medsa.errors import CheckpointError
     from medsa.sam import build_sam
+    from medsa.sam.build import get_config
 
     if settings.checkpoint is not None and not Path(settings.checkpoint).exists():
         raise CheckpointError(f"checkpoint {settings.checkpoint} does not exist")
-    model = build_sam(settings.backbone, checkpoint=settings.checkpoint, **settings.model_options)
-    if settings.adapter is not None:
+    name, adapter = settings.backbone, settings.adapter
+    get_config(name)  # an unknown name is reported as such, before the weights question
+    unweighted = settings.checkpoint is None and name not in SHIPPED_WEIGHTS
+    if unweighted and not random_weights and adapter is None:
+        raise ConfigError(_no_weights_message(name, adapter))
+    model = build_sam(name, checkpoint=settings.checkpoint, **settings.model_options)
+    if adapter is not None:
         from medsa.adapters import load_adapter
 
-        model = load_adapter(model, settings.adapter)
+        model = load_adapter(model, adapter)
+        if unweighted and not random_weights and not _adapter_covers_all(model):
+            raise ConfigError(_no_weights_message(name, adapter))
     return model.to(device).eval()
+
+
+def load_model(
+    backbone: str | None,
+    checkpoint: str | Path | None,
+    adapter: str | Path | None,
+    device: Any,
+    random_weights: bool = False,
+) -> Any:
+    """Build the backbone, apply a saved adapter, move to ``device`` (eval mode).
+
+    ``backbone=None`` means: the backbone recorded in the adapter's JSON, else ``lite_medsam``
+    (settings resolved by :func:`resolve_inference`); random weights are refused unless
+    ``random_weights`` (see :func:`build_inference_model`).
+    """
+    settings = resolve_inference(adapter, backbone=backbone, checkpoint=checkpoint)
+    return build_inference_model(settings, device, random_weights=random_weights)
+
+
+def _no_weights_message(name: str, adapter: Path | None) -> str:
+    held = f"; the adapter {adapter} holds only the method's weights" if adapter else ""
+    return (
+        f"backbone {name!r} has no weights without --checkpoint{held}: give --checkpoint FILE "
+        f"(the pre-trained {name} weights), or --random-weights to run it with random weights "
+        "anyway (meaningless masks; for tests only)"
+    )
+
+
+def _adapter_covers_all(model: Any) -> bool:
+    """Whether the loaded adapter holds every parameter (full fine-tuning): then the backbone's
+    own (random) weights are all replaced."""
+    from medsa.adapters.io import adapter_state_dict
+
+    held = set(adapter_state_dict(model))
+    return all(n in held for n, _ in model.named_parameters())

@@ -10,8 +10,9 @@ Outputs (in ``--out``, mirroring sub-folders of a folder input): ``<name>_mask.<
 input's format, written with ``write_image(like=input)`` so spacing / origin / direction (and the
 NIfTI header) are preserved. JPEG/BMP inputs give PNG masks (lossless); DICOM inputs give
 ``.nii.gz``. One object: 0/255 for 2D rasters, 0/1 for volumes; several objects: labels 1..K.
-``--overlay`` adds ``<name>_overlay.png``. A failing file is reported and skipped; the exit code
-is 1 if any file failed.
+``--overlay`` adds ``<name>_overlay.png``. Before the model is loaded, ``--out`` is checked to
+be writable and no existing result is replaced without ``--overwrite``. A failing file is
+reported and skipped; the exit code is 1 if any file failed.
 """
 
 from __future__ import annotations
@@ -36,6 +37,8 @@ from medsa.engine.inference import (
     segment_image,
     segment_volume,
 )
+from medsa.engine.model_loading import RANDOM_WEIGHTS_HELP
+from medsa.engine.outputs import check_writable_dir, refuse_existing
 from medsa.errors import ConfigError, MedsaError, PromptError
 
 HELP = "segment images, volumes and folders with point / box prompts, keeping their geometry"
@@ -63,6 +66,7 @@ class PredictJob:
     path: Path
     rel: Path
     entry: Any = None  # this file's raw entry of the --prompts JSON (None -> CLI prompts)
+    explicit: bool = False  # named on the command line (not found in a folder)
     errors: list[str] = field(default_factory=list)
 
 
@@ -103,7 +107,7 @@ def collect_inputs(
             errors.append(f"{p}: no such file or folder")
             continue
         if p.is_file():
-            jobs.append(PredictJob(p, Path(_stem(p))))
+            jobs.append(PredictJob(p, Path(_stem(p)), explicit=True))
             continue
         found = 0
         for d in sorted([p, *[q for q in p.rglob("*") if q.is_dir()]]):
@@ -337,14 +341,34 @@ def _label_map(masks: np.ndarray) -> np.ndarray:
     return out
 
 
+def output_paths(job: PredictJob, args: argparse.Namespace) -> list[Path]:
+    """Files ``job`` writes: the mask (``<out>/<rel><suffix><ext>``, extension from the input
+    format) and, with ``--overlay``, ``<out>/<rel>_overlay.png``."""
+    fmt = "dicom" if job.path.is_dir() else image_format(job.path)
+    mask = args.out / job.rel.parent / f"{job.rel.name}{args.suffix}{OUT_EXT.get(fmt, '.png')}"
+    paths = [mask]
+    if args.overlay:
+        paths.append(args.out / job.rel.parent / f"{job.rel.name}_overlay.png")
+    return paths
+
+
 def run_job(
     job: PredictJob, predictor: Any, args: argparse.Namespace, cli: Prompt | None
 ) -> list[Path]:
     """Segment one input and write its outputs; returns the written paths."""
     from medsa.data.io import read_image, write_image
 
+    paths = output_paths(job, args)
+    out_path = paths[0]
+    if any(q.resolve() == job.path.resolve() for q in paths):
+        raise MedsaError(
+            f"{out_path}: refusing to overwrite the input; use another --out or --suffix"
+        )
     img = read_image(job.path)
     is_3d = bool(img.is_3d)
+    if args.slice and not is_3d and job.explicit:
+        # in a folder --slice is meant for its volumes; a 2D image named with it is a mistake
+        raise PromptError(f"{job.path} is a 2D image: --slice applies to volumes only")
     # (H, W, 3) / (D, H, W, 3) float in [0, 255], scaled as the training datasets do
     x = model_input(img.array, is_3d, args.intensity)
     shape = x.shape[:-1]
@@ -410,19 +434,12 @@ def run_job(
             keep = np.zeros(shape[0], bool)
             keep[[int(z) for z in prompts_used]] = True
             labels[~keep] = 0
-    fmt = img.format
-    ext = OUT_EXT.get(fmt, ".nii.gz" if is_3d else ".png")
-    out_path = args.out / job.rel.parent / f"{job.rel.name}{args.suffix}{ext}"
-    if out_path.resolve() == job.path.resolve():
-        raise MedsaError(
-            f"{out_path}: refusing to overwrite the input; use another --out or --suffix"
-        )
     out_path.parent.mkdir(parents=True, exist_ok=True)
     if labels.dtype == bool and is_3d:
         labels = labels.astype(np.uint8)
     written = [write_image(labels, out_path, like=img)]
     if args.overlay:
-        ov = args.out / job.rel.parent / f"{job.rel.name}_overlay.png"
+        ov = paths[1]
         display = np.clip(x, 0, 255).astype(np.uint8)
         written.append(write_overlay(display, labels, ov, prompts_used, is_3d))
     return written
@@ -533,6 +550,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--backbone", help="SAM backbone (default: the adapter's backbone, else lite_medsam)"
     )
     p.add_argument("--checkpoint", type=Path, help="backbone weights (default: the backbone's own)")
+    p.add_argument("--random-weights", action="store_true", help=RANDOM_WEIGHTS_HELP)
     p.add_argument("--adapter", type=Path, help="adapter saved by 'medsa train'")
     p.add_argument(
         "--intensity",
@@ -553,6 +571,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--suffix", default="_mask", help="added to output names (default: _mask)")
     p.add_argument("--overlay", action="store_true", help="also write <name>_overlay.png")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace results already in --out (without it the command refuses before any work)",
+    )
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
 
 
@@ -579,8 +602,6 @@ def main(args: argparse.Namespace) -> int:
         raise ConfigError(f"--points-per-side must be >= 1, got {args.points_per_side}")
     if args.slice and not (args.point or args.box):
         raise PromptError("--slice applies to --point/--box")
-    if args.out.exists() and not args.out.is_dir():
-        raise ConfigError(f"--out {args.out} exists and is not a folder")
     cli = cli_prompt(args.point, args.box)
     table = load_prompt_file(args.prompts) if args.prompts is not None else None
 
@@ -600,7 +621,16 @@ def main(args: argparse.Namespace) -> int:
     )
     args.depth, args.intensity = settings.depth, settings.intensity
     args.resize_to = settings.resize_to
-    model = build_inference_model(settings, resolve_device(args.device))
+    # before loading the model: a folder we cannot write to, or results we would replace
+    check_writable_dir(args.out, "--out")
+    refuse_existing(
+        [q for j in jobs for q in output_paths(j, args) if q.resolve() != j.path.resolve()],
+        "--out",
+        args.overwrite,
+    )
+    model = build_inference_model(
+        settings, resolve_device(args.device), random_weights=args.random_weights
+    )
     predictor = as_predictor(model)
     failed = len(errors)
     base = args.prompts.parent if args.prompts is not None else Path.cwd()

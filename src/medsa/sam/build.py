@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import pickle
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -216,10 +217,16 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # any failure here means an unusable file; say which one
+        if isinstance(exc, pickle.UnpicklingError) or "weights_only" in str(exc):
+            # torch's message says weights_only=False "will likely succeed": medsa never loads
+            # pickled code, so that hint must not reach the user
+            detail = "it holds pickled objects other than tensors (refused: no code is run)"
+        else:
+            detail = f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:200]}"
         raise CheckpointError(
-            f"could not read checkpoint {path}: {type(exc).__name__}: {exc}. The file may be "
-            "truncated or corrupt, or not a PyTorch/safetensors state dict."
-        ) from exc
+            f"could not read checkpoint {path}: {detail}. The file may be truncated or corrupt, "
+            "or not a PyTorch/safetensors state dict."
+        ) from None
     if isinstance(state, dict):
         for key in ("model", "state_dict"):
             if isinstance(state.get(key), dict):

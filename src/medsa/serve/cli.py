@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from medsa.engine.model_loading import RANDOM_WEIGHTS_HELP
 from medsa.errors import ConfigError, MedsaError
 
 HELP = "local web page: click, box, see the mask, save"
@@ -17,6 +18,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "(default: the adapter's backbone, else lite_medsam)",
     )
     p.add_argument("--checkpoint", type=Path, help="backbone weights (.pth / .safetensors)")
+    p.add_argument(
+        "--random-weights",
+        action="store_true",
+        help=RANDOM_WEIGHTS_HELP,
+    )
     p.add_argument(
         "--adapter", type=Path, help="adapter saved by `medsa train` (path with or without suffix)"
     )
@@ -63,13 +69,15 @@ def build_model(
     adapter: Path | None,
     device: str,
     precision: str = "fp32",
+    random_weights: bool = False,
 ):
     """Backbone (+ adapter) in eval mode on ``device``, weights in ``precision``.
 
     The adapter's recorded settings (:func:`medsa.engine.model_loading.resolve_inference`) must be
     ones the page reproduces: slices encoded one at a time on their own grid, ``auto`` intensity
     scaling; an adapter trained on depth chunks or a resized grid is refused (ConfigError) rather
-    than run differently from training.
+    than run differently from training. A backbone without weights is refused unless
+    ``random_weights``.
     """
     import torch
 
@@ -106,7 +114,7 @@ def build_model(
             "medsa serve encodes each slice alone on its own grid with auto intensity, so it "
             "cannot run it as trained: use medsa predict / medsa evaluate"
         )
-    model = build_inference_model(settings, dev)
+    model = build_inference_model(settings, dev, random_weights=random_weights)
     return model.to(torch.bfloat16) if precision == "bf16" else model
 
 
@@ -135,7 +143,14 @@ def main(args: argparse.Namespace) -> int:
             raise ConfigError(f"--root {r}: not a folder")
     what = args.backbone or (f"adapter {args.adapter}" if args.adapter else "lite_medsam")
     print(f"loading {what} on {args.device} ({args.precision}) ...", flush=True)
-    model = build_model(args.backbone, args.checkpoint, args.adapter, args.device, args.precision)
+    model = build_model(
+        args.backbone,
+        args.checkpoint,
+        args.adapter,
+        args.device,
+        args.precision,
+        random_weights=args.random_weights,
+    )
 
     import uvicorn
 

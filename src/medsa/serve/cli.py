@@ -45,7 +45,40 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="model weights: fp32 (default) or bf16 (faster image embedding and clicks on GPUs "
         "and CPUs with AVX512-BF16/AMX; masks agree with fp32 on ~99.7%% of pixels)",
     )
-    p.add_argument("--max-upload-mb", type=float, default=512.0, help="largest upload accepted")
+    p.add_argument(
+        "--random-weights",
+        action="store_true",
+        help="allow a backbone without --checkpoint (random weights: meaningless masks; tests only)",
+    )
+    p.add_argument(
+        "--max-upload-mb", type=float, default=512.0, help="largest upload accepted (file size)"
+    )
+    p.add_argument(
+        "--max-uploads", type=int, default=8, help="uploads kept at most; the oldest is deleted"
+    )
+    p.add_argument(
+        "--max-upload-total-mb", type=float, default=2048.0, help="total size of uploads kept"
+    )
+    p.add_argument(
+        "--upload-dir",
+        type=Path,
+        help="where the private (0700) upload folder is made (default: the system temp folder)",
+    )
+    p.add_argument(
+        "--max-image-mpix",
+        type=float,
+        default=40.0,
+        help="largest 2D image opened, in millions of decoded pixels (default: 40)",
+    )
+    p.add_argument(
+        "--max-volume-mvox",
+        type=float,
+        default=256.0,
+        help="largest volume opened, in millions of decoded voxels (default: 256)",
+    )
+    p.add_argument(
+        "--max-request-mb", type=float, default=8.0, help="largest JSON request body (default: 8)"
+    )
     p.add_argument(
         "--cache-size", type=int, default=64, help="image embeddings kept in memory (per slice)"
     )
@@ -57,14 +90,34 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
 
 
+#: backbones whose weights come with an installed package (no --checkpoint needed)
+BUNDLED_WEIGHTS = ("lite_medsam",)
+
+
 def build_model(
     backbone: str,
     checkpoint: Path | None,
     adapter: Path | None,
     device: str,
     precision: str = "fp32",
+    *,
+    random_weights: bool = False,
 ):
-    """Backbone (+ adapter) in eval mode on ``device``, weights in ``precision``."""
+    """Backbone (+ adapter) in eval mode on ``device``, weights in ``precision``.
+
+    Raises:
+        ConfigError: a backbone without weights (no ``checkpoint``, none bundled) unless
+            ``random_weights``: random weights give meaningless masks that look like results.
+    """
+    from medsa.sam.build import MODEL_NAMES
+
+    known = backbone in MODEL_NAMES  # an unknown name gets build_sam's "unknown model" error
+    if known and checkpoint is None and backbone not in BUNDLED_WEIGHTS and not random_weights:
+        raise ConfigError(
+            f"--backbone {backbone} has no weights without --checkpoint: its masks would be "
+            "meaningless. Give --checkpoint, use --backbone lite_medsam, or add --random-weights "
+            "(tests only)"
+        )
     import torch
 
     from medsa.engine.evaluate import load_model
@@ -84,8 +137,18 @@ def build_model(
             f"--precision bf16: {dev} has no native bfloat16 matmuls (needs a GPU with bf16 or a "
             "CPU with AVX512-BF16 / AMX); use --precision fp32"
         )
-    model = load_model(backbone, checkpoint, adapter, dev)
+    model = _load(load_model, backbone, checkpoint, adapter, dev, random_weights)
     return model.to(torch.bfloat16) if precision == "bf16" else model
+
+
+def _load(load_model, backbone, checkpoint, adapter, dev, random_weights: bool):  # noqa: ANN001
+    """``engine.evaluate.load_model``; passes ``random_weights`` where the loader takes it (the
+    shared loader gains that keyword with issue #14's CLI change)."""
+    import inspect
+
+    if "random_weights" in inspect.signature(load_model).parameters:
+        return load_model(backbone, checkpoint, adapter, dev, random_weights=random_weights)
+    return load_model(backbone, checkpoint, adapter, dev)
 
 
 def main(args: argparse.Namespace) -> int:
@@ -105,14 +168,21 @@ def main(args: argparse.Namespace) -> int:
     config = ServeConfig(
         roots=tuple(roots),
         output_dir=args.output,
+        upload_dir=args.upload_dir,
         max_upload_mb=args.max_upload_mb,
+        max_uploads=args.max_uploads,
+        max_upload_total_mb=args.max_upload_total_mb,
+        max_image_mpix=args.max_image_mpix,
+        max_volume_mvox=args.max_volume_mvox,
+        max_request_mb=args.max_request_mb,
         embedding_cache=args.cache_size,
     )
     for r in roots:
         if not Path(r).is_dir():
             raise ConfigError(f"--root {r}: not a folder")
     print(f"loading {args.backbone} on {args.device} ({args.precision}) ...", flush=True)
-    model = build_model(args.backbone, args.checkpoint, args.adapter, args.device, args.precision)
+    model = build_model(args.backbone, args.checkpoint, args.adapter, args.device, args.precision,
+                        random_weights=args.random_weights)  # fmt: skip
 
     import uvicorn
 

@@ -161,10 +161,16 @@ def _header_shape(path: Path) -> tuple[tuple[int, ...], bool] | None:
 
     fmt = image_format(path)
     if fmt in ("png", "jpeg", "bmp"):
+        import warnings
+
         from PIL import Image as PILImage
 
-        with PILImage.open(path) as im:  # lazy: only the header is parsed
-            w, h = im.size
+        with warnings.catch_warnings():
+            # PIL warns above ~89 M pixels (and refuses above ~179 M, see check_decoded_size);
+            # the server's own limit decides
+            warnings.simplefilter("ignore", PILImage.DecompressionBombWarning)
+            with PILImage.open(path) as im:  # lazy: only the header is parsed
+                w, h = im.size
         return (h, w), False
     if fmt == "tiff":
         import tifffile
@@ -210,8 +216,16 @@ def check_decoded_size(path: Path, name: str, limits: ImageLimits) -> None:
         DataError: the image would be too large. Unreadable headers are left to the decoder, whose
             error names the problem, and to the check of the decoded array.
     """
+    from PIL import Image as PILImage
+
     try:
         found = _header_shape(path)
+    except PILImage.DecompressionBombError:
+        limit = limits.max_pixels / 1e6
+        raise DataError(
+            f"{name}: image is too large (over {PILImage.MAX_IMAGE_PIXELS * 2 / 1e6:.0f} M "
+            f"pixels); this server opens at most {limit:g} M pixels"
+        ) from None
     except Exception:  # corrupt header: read_image reports it properly
         return
     if found is not None:

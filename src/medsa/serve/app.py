@@ -348,6 +348,27 @@ def create_app(
             "download": f"/api/download/{dest.name}",
         }
 
+    @app.post("/api/propagate")
+    def propagate(req: PropagateRequest) -> dict[str, Any]:
+        img = service.images.get(req.image)
+        job = service.propagate(img, _decode_masks(img, req.keys), req.direction)
+        return job.public()
+
+    @app.get("/api/jobs/{job_id}")
+    def job_status(job_id: str) -> dict[str, Any]:
+        job = service.jobs.get(job_id)
+        out = job.public()
+        if job.state == "done" and job.kind == "propagate":
+            res = job.result
+            out["masks"] = {str(z): rle_encode(m) for z, m in res.masks.items()}
+            out["scores"] = {str(z): (s if s == s else None) for z, s in res.scores.items()}
+            out["z_range"] = list(res.z_range) if res.z_range is not None else None
+        return out
+
+    @app.post("/api/jobs/{job_id}/cancel")
+    def job_cancel(job_id: str) -> dict[str, Any]:
+        return service.jobs.cancel(job_id).public()
+
     @app.get("/api/download/{name}")
     def download(name: str) -> FileResponse:
         from .paths import safe_output_name

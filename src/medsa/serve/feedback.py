@@ -43,7 +43,9 @@ class LogitStore:
     def put(self, image: str, z: int, logits: np.ndarray) -> str:
         """Store ``(1, h, w)`` (or ``(h, w)``) logits of slice ``z``; returns the token."""
         token = secrets.token_hex(8)
-        arr = np.asarray(logits, dtype=np.float16).reshape(1, *np.shape(logits)[-2:])
+        # clipped: float16 overflows to inf beyond 65504, which the decoder would refuse
+        arr = np.clip(np.asarray(logits, dtype=np.float32), -1e4, 1e4).astype(np.float16)
+        arr = arr.reshape(1, *arr.shape[-2:])
         with self._lock:
             self._data[token] = _Entry(image, z, arr)
             while len(self._data) > self.capacity:

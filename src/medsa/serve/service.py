@@ -29,8 +29,10 @@ from medsa.errors import DataError, MedsaError, PromptError
 
 from .feedback import LogitStore
 from .images import ImageLimits, ImageStore, LoadedImage, SingleFlightLRU
+from .jobs import Job, JobManager
 from .outputs import LabelledObject, OutputFolder, label_map, sidecar_name
 from .paths import AccessDenied, NotFound, RootSet, image_suffix
+from .propagation import PropagatorCache, check_keys, run_propagation
 from .uploads import UploadError, UploadStore
 
 if TYPE_CHECKING:
@@ -138,9 +140,13 @@ class SegmentationService:
             cfg.upload_dir, cfg.max_uploads, int(cfg.max_upload_total_mb * 2**20)
         )
         self.upload_dir = self.uploads.folder
+        self.jobs = JobManager()
+        self.propagators = PropagatorCache(self.model)
 
     def close(self) -> None:
-        """Remove the private upload folder and its files."""
+        """Stop background jobs, free propagators, remove the private upload folder."""
+        self.jobs.close()
+        self.propagators.close()
         self.uploads.close()
 
     def public_message(self, message: str) -> str:
@@ -317,6 +323,16 @@ class SegmentationService:
             )
         return Prediction(
             masks.astype(bool), scores, low_res, cached, time.perf_counter() - t0, prev is not None
+        )
+
+    def propagate(self, img: LoadedImage, keys: dict[int, np.ndarray], direction: str) -> Job:
+        """Queue the propagation of one object from its key-slice masks; returns the job."""
+        check_keys(img, keys, direction)
+        return self.jobs.submit(
+            "propagate",
+            img.id,
+            lambda job: run_propagation(self.propagators, img, keys, direction, job),
+            self.public_message,
         )
 
     # ------------------------------------------------------------------ saving

@@ -93,15 +93,24 @@ def _close(prop: Any) -> None:
         close()
 
 
+def cached_features(prop: Any) -> dict[int, Any] | None:
+    """The propagator's per-slice embedding cache (``{z: (1, C, h, w) tensor}``), if it has one.
+
+    Used to share embeddings both ways with the server's per-``(image, slice)`` cache: slices a
+    click already encoded are not encoded again by propagation, and the propagated slices are
+    ready for correcting clicks.
+    """
+    feats = getattr(prop, "_features", None)
+    return feats if isinstance(feats, dict) and hasattr(prop, "_input_size") else None
+
+
 def run_propagation(
-    cache: PropagatorCache,
-    img: LoadedImage,
+    prop: Any,
     keys: dict[int, np.ndarray],
     direction: str,
     job: Job,
 ) -> PropagationOutput:
-    """Propagate the object given by ``keys`` through ``img`` (in the job's worker thread)."""
-    prop = cache.get(img)
+    """Propagate the object given by ``keys`` with ``prop`` (in the job's worker thread)."""
     res = prop.propagate(dict(keys), direction=direction, progress=job.progress)
     masks = np.asarray(res.masks, dtype=bool)
     scores = np.asarray(res.scores, dtype=np.float64)

@@ -32,7 +32,13 @@ from .images import ImageLimits, ImageStore, LoadedImage, SingleFlightLRU
 from .jobs import Job, JobManager
 from .outputs import LabelledObject, OutputFolder, label_map, sidecar_name
 from .paths import AccessDenied, NotFound, RootSet, image_suffix
-from .propagation import PropagatorCache, check_keys, run_propagation
+from .propagation import (
+    PropagationOutput,
+    PropagatorCache,
+    cached_features,
+    check_keys,
+    run_propagation,
+)
 from .uploads import UploadError, UploadStore
 
 if TYPE_CHECKING:
@@ -328,12 +334,25 @@ class SegmentationService:
     def propagate(self, img: LoadedImage, keys: dict[int, np.ndarray], direction: str) -> Job:
         """Queue the propagation of one object from its key-slice masks; returns the job."""
         check_keys(img, keys, direction)
-        return self.jobs.submit(
-            "propagate",
-            img.id,
-            lambda job: run_propagation(self.propagators, img, keys, direction, job),
-            self.public_message,
-        )
+
+        def work(job: Job) -> PropagationOutput:
+            prop = self.propagators.get(img)
+            feats = cached_features(prop)
+            if feats is not None:  # slices already encoded for clicks are not encoded again
+                for z in range(img.depth):
+                    e = self.embeddings.peek((img.id, z))
+                    if e is not None and z not in feats:
+                        feats[z], prop._input_size = e.features, e.input_size
+            out = run_propagation(prop, keys, direction, job)
+            if feats is not None:  # the propagated slices are ready for correcting clicks
+                size = (img.height, img.width)
+                for z in out.masks:
+                    f = feats.get(z)
+                    if hasattr(f, "shape") and (img.id, z) not in self.embeddings:
+                        self.embeddings.put((img.id, z), Embedding(f, size, prop._input_size))
+            return out
+
+        return self.jobs.submit("propagate", img.id, work, self.public_message)
 
     # ------------------------------------------------------------------ saving
 

@@ -106,9 +106,10 @@ def requests(ids: list[str]) -> st.SearchStrategy:
         st.tuples(st.just("GET"), st.builds(lambda t: f"/api/jobs/{t}", TEXT), st.just({})),
         st.tuples(st.just("GET"), st.sampled_from(["/api/info", "/api/stats"]), st.just({})),
     )
+    cancel = st.tuples(st.just("POST"), st.builds(lambda t: f"/api/jobs/{t}/cancel", TEXT), JSON)
     upload = st.tuples(st.just("UPLOAD"), TEXT, st.binary(max_size=300))
     raw = st.tuples(st.just("RAW"), post, st.binary(max_size=200))  # not even JSON
-    return st.one_of(posts, posts, gets, upload, raw)
+    return st.one_of(posts, posts, gets, cancel, upload, raw)
 
 
 def _rss_mb() -> float:
@@ -139,7 +140,9 @@ def test_fuzz_every_endpoint(make_app):
         @given(requests(ids))
         def check(req):
             kind, target, payload = req
-            if kind == "POST":
+            if kind == "POST" and target.endswith("/cancel"):
+                r = c.post(quote(target, safe="/"), content=json.dumps(payload))
+            elif kind == "POST":
                 # json.dumps writes NaN / Infinity, which Python's JSON parser (the server's) reads
                 r = c.post(target, content=json.dumps(payload), headers=JSON_HEADERS)
             elif kind == "GET":

@@ -334,7 +334,8 @@ def create_app(
             raise PromptError("nothing to save: give at least one object")
         if len(given) > MAX_OBJECTS:
             raise PromptError(f"too many objects ({len(given)}); at most {MAX_OBJECTS} per file")
-        objects = [LabelledObject(o.name, o.label, _decode_masks(img, o.masks)) for o in given]
+        # masks stay run lengths here: decoded slice by slice while the label map is painted
+        objects = [LabelledObject(o.name, o.label, _slice_keys(img, o.masks)) for o in given]
         dest, sidecar = service.save(img, objects, req.name, req.overwrite)
         return {
             "name": dest.name,
@@ -342,16 +343,18 @@ def create_app(
             "path": f"{service.output_dir.name}/{dest.name}",
             "sidecar": sidecar.name,
             "labels": {o.name: o.label for o in objects},
-            "foreground": {
-                o.name: int(sum(int(m.sum()) for m in o.masks.values())) for o in objects
-            },  # fmt: skip
+            "foreground": {o.name: o.foreground for o in objects},
             "download": f"/api/download/{dest.name}",
         }
 
     @app.post("/api/propagate")
     def propagate(req: PropagateRequest) -> dict[str, Any]:
         img = service.images.get(req.image)
-        job = service.propagate(img, _decode_masks(img, req.keys), req.direction)
+        keys = {
+            z: rle_decode(runs, (img.height, img.width))
+            for z, runs in _slice_keys(img, req.keys).items()
+        }
+        job = service.propagate(img, keys, req.direction)
         return job.public()
 
     @app.get("/api/jobs/{job_id}")
@@ -386,14 +389,13 @@ def create_app(
     return app
 
 
-def _decode_masks(img: Any, masks: dict[str, list[int]]) -> dict[int, Any]:
-    """``{"3": rle}`` -> ``{3: (H, W) bool}``, every key and encoding validated."""
+def _slice_keys(img: Any, masks: dict[str, list[int]]) -> dict[int, list[int]]:
+    """``{"3": rle}`` -> ``{3: rle}`` with every key checked to be a slice of ``img``."""
     out = {}
     for key, runs in masks.items():
         if not (key.isascii() and key.isdigit()) or len(key) > 9:
             raise PromptError(f"mask key {key[:20]!r} is not a slice index")
-        z = img.check_slice(int(key))
-        out[z] = rle_decode(runs, (img.height, img.width))
+        out[img.check_slice(int(key))] = runs
     return out
 
 

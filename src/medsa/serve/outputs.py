@@ -49,11 +49,18 @@ class OverwriteNeeded(MedsaError):
 
 @dataclass
 class LabelledObject:
-    """One object of a saved label map: its name, label value and masks per slice ``(H, W)``."""
+    """One object of a saved label map: its name, label value and masks per slice.
+
+    ``masks`` values are ``(H, W)`` bool arrays or run lengths (:mod:`medsa.serve.rle`); run
+    lengths are decoded one slice at a time while painting, so a request naming many slices of
+    many objects never holds more than the label map and one slice in memory.
+    ``foreground`` is set by :func:`label_map` (pixels of the object's own masks).
+    """
 
     name: str
     label: int
-    masks: dict[int, np.ndarray] = field(default_factory=dict)
+    masks: dict[int, Any] = field(default_factory=dict)
+    foreground: int = 0
 
 
 def label_map(img: LoadedImage, objects: list[LabelledObject]) -> np.ndarray:
@@ -62,8 +69,11 @@ def label_map(img: LoadedImage, objects: list[LabelledObject]) -> np.ndarray:
     Objects are painted in list order, so where two overlap the later one's label wins.
 
     Raises:
-        PromptError: duplicate / empty names, labels outside 1..255, too many objects.
+        PromptError: duplicate / empty names, labels outside 1..255, too many objects, a slice
+            out of range or a bad mask encoding.
     """
+    from .rle import rle_decode
+
     if len(objects) > MAX_OBJECTS:
         raise PromptError(f"too many objects ({len(objects)}); at most {MAX_OBJECTS} per file")
     names, labels = set(), set()
@@ -80,8 +90,12 @@ def label_map(img: LoadedImage, objects: list[LabelledObject]) -> np.ndarray:
         labels.add(o.label)
     out = np.zeros((img.depth, img.height, img.width), dtype=np.uint8)
     for o in objects:
+        o.foreground = 0
         for z, m in o.masks.items():
+            if not isinstance(m, np.ndarray):
+                m = rle_decode(m, (img.height, img.width))
             out[img.check_slice(z)][m] = o.label
+            o.foreground += int(m.sum())
     return out if img.is_3d else out[0]
 
 

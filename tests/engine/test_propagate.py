@@ -1,7 +1,8 @@
 """Propagation of one prompt through a volume (medsa.engine.propagate, issue #11).
 
 The propagation LOGIC (next-slice prompts, stop rule, several keys, corrections) is checked with a
-deterministic stub predictor that segments the bright connected component under the prompt; the
+deterministic stub predictor that segments the bright connected component under the prompt
+(``ComponentPredictor`` in conftest.py); the
 batched / chunked encoding with a tiny random model; the whole chain on real data with LiteMedSAM.
 """
 
@@ -22,49 +23,6 @@ from medsa.engine.propagate import (
 from medsa.errors import DataError, PromptError
 
 DATA = Path(__file__).resolve().parents[2] / ".." / "shared" / "data"
-
-
-class ComponentPredictor:
-    """Stub ``SamPredictor``: the bright (> 127) connected component that best overlaps the prompt.
-
-    The prompt region is the box, else the positive points; the score is 0.95 for a hit and 0.05
-    for an empty mask. It records every prompt and slice it was given.
-    """
-
-    def __init__(self) -> None:
-        self.image: np.ndarray | None = None
-        self.n_set = 0
-        self.prompts: list[dict] = []
-
-    def set_image(self, image: np.ndarray) -> None:
-        assert image.ndim == 3 and image.shape[-1] == 3
-        self.image = image[..., 0]
-        self.n_set += 1
-
-    def predict(
-        self, point_coords=None, point_labels=None, box=None, mask_input=None, multimask_output=True
-    ):
-        from scipy.ndimage import label
-
-        assert self.image is not None
-        self.prompts.append({"box": box, "points": point_coords, "mask_input": mask_input})
-        h, w = self.image.shape
-        region = np.zeros((h, w), bool)
-        if box is not None:
-            x0, y0, x1, y1 = (int(round(v)) for v in box)
-            region[y0 : y1 + 1, x0 : x1 + 1] = True
-        elif point_coords is not None:
-            for (x, y), lab in zip(point_coords, point_labels, strict=True):
-                if lab == 1:
-                    region[int(y), int(x)] = True
-        comps, n = label(self.image > 127)
-        overlap = np.bincount(comps[region], minlength=n + 1)
-        overlap[0] = 0
-        m = comps == int(np.argmax(overlap)) if overlap.max() > 0 else np.zeros((h, w), bool)
-        k = 3 if multimask_output else 1
-        score = 0.95 if m.any() else 0.05
-        logits = np.where(m[::2, ::2], 5.0, -5.0).astype(np.float32)  # stands for low-res logits
-        return np.stack([m] * k), np.full(k, score), np.stack([logits] * k)
 
 
 def _disc(h: int, w: int, cy: float, cx: float, r: float) -> np.ndarray:
@@ -99,9 +57,9 @@ def _box(mask: np.ndarray) -> np.ndarray:
     return np.array([xs.min(), ys.min(), xs.max(), ys.max()], np.float32)
 
 
-def test_one_box_reaches_the_object_ends():
+def test_one_box_reaches_the_object_ends(component):
     vol, target = _moving_volume()
-    stub = ComponentPredictor()
+    stub = component()
     seen: list[tuple[int, int]] = []
     res = propagate_volume(
         stub, vol, {15: Prompt(box=_box(target[15]))}, progress=lambda a, b: seen.append((a, b))
@@ -120,36 +78,36 @@ def test_one_box_reaches_the_object_ends():
     assert seen[-1][0] == seen[-1][1] and all(a <= b for a, b in seen)
 
 
-def test_directions_and_stop_rules():
+def test_directions_and_stop_rules(component):
     vol, target = _moving_volume()
     key = {15: Prompt(box=_box(target[15]))}
-    up = propagate_volume(ComponentPredictor(), vol, key, direction="up")
+    up = propagate_volume(component(), vol, key, direction="up")
     assert up.z_range == (15, 31)
-    down = propagate_volume(ComponentPredictor(), vol, key, direction="down")
+    down = propagate_volume(component(), vol, key, direction="down")
     assert down.z_range == (8, 15)
     # min_area: the disc shrinks with z, so a large min_area ends the object early going up
     area = target.reshape(len(target), -1).sum(1)
-    small = propagate_volume(ComponentPredictor(), vol, key, min_area=int(area[25]) + 1)
+    small = propagate_volume(component(), vol, key, min_area=int(area[25]) + 1)
     assert small.z_range == (8, 24)
     # min_score above the stub's score: nothing beyond the key
-    strict = propagate_volume(ComponentPredictor(), vol, key, min_score=0.99)
+    strict = propagate_volume(component(), vol, key, min_score=0.99)
     assert strict.z_range == (15, 15)
     with pytest.raises(PromptError, match="direction"):
-        propagate_volume(ComponentPredictor(), vol, key, direction="sideways")
+        propagate_volume(component(), vol, key, direction="sideways")
     with pytest.raises(PromptError, match="outside the volume"):
-        propagate_volume(ComponentPredictor(), vol, {40: Prompt(box=[1, 1, 5, 5])})
+        propagate_volume(component(), vol, {40: Prompt(box=[1, 1, 5, 5])})
     with pytest.raises(PromptError, match="at least one key"):
-        propagate_volume(ComponentPredictor(), vol, {})
+        propagate_volume(component(), vol, {})
     with pytest.raises(PromptError, match="shape"):
-        propagate_volume(ComponentPredictor(), vol, {3: np.zeros((5, 5), bool)})
+        propagate_volume(component(), vol, {3: np.zeros((5, 5), bool)})
     with pytest.raises(DataError):
-        VolumePropagator(ComponentPredictor(), np.zeros((4, 4)))
+        VolumePropagator(component(), np.zeros((4, 4)))
 
 
-def test_correction_repropagates_from_the_corrected_slice():
+def test_correction_repropagates_from_the_corrected_slice(component):
     # the object jumps sideways at slice 20: propagation from slice 12 loses it there
     vol, target = _moving_volume(jump_at=20)
-    stub = ComponentPredictor()
+    stub = component()
     with VolumePropagator(stub, vol) as prop:
         first = prop.propagate({12: Prompt(box=_box(target[12]))})
         assert first.z_range == (8, 19)
@@ -168,19 +126,19 @@ def test_correction_repropagates_from_the_corrected_slice():
     assert stub.n_set > n_before
 
 
-def test_absent_key_stops_propagation():
+def test_absent_key_stops_propagation(component):
     vol, target = _moving_volume()
     res = propagate_volume(
-        ComponentPredictor(), vol, {12: Prompt(box=_box(target[12])), 20: np.zeros((64, 64), bool)}
+        component(), vol, {12: Prompt(box=_box(target[12])), 20: np.zeros((64, 64), bool)}
     )
     assert res.z_range == (8, 19)  # slices 17..19 come from key 12, not from the absent key
     assert not res.masks[20:].any()
 
 
-def test_point_key_and_next_prompt_feeds():
+def test_point_key_and_next_prompt_feeds(component):
     vol, target = _moving_volume()
     cy, cx = np.argwhere(target[20]).mean(0)
-    res = propagate_volume(ComponentPredictor(), vol, {20: Prompt(points=[[cx, cy]])}, feed="box")
+    res = propagate_volume(component(), vol, {20: Prompt(points=[[cx, cy]])}, feed="box")
     assert res.z_range == (8, 31)
     prev = type("R", (), {"mask": target[20], "logits": np.ones((1, 8, 8), np.float32)})()
     p = next_prompt(prev, "box", box_margin=0.1)  # type: ignore[arg-type]
@@ -257,7 +215,7 @@ def test_lazy_encoding_in_the_propagation_direction(tiny_model):
         h.remove()
 
 
-def test_depth_chunks_with_sd_trans_adapter():
+def test_depth_chunks_with_sd_trans_adapter(component):
     torch = pytest.importorskip("torch")
     from medsa.adapters import MedSAConfig, apply_method
     from medsa.engine.inference import ChunkEncoder, model_input
@@ -289,7 +247,7 @@ def test_depth_chunks_with_sd_trans_adapter():
     assert res.masks.shape == (7, 30, 40) and np.isfinite(res.scores[4])
     assert set(prop.embedded) >= {3, 4, 5}  # the key's whole chunk was encoded together
     with pytest.raises(PromptError, match="depth"):
-        VolumePropagator(ComponentPredictor(), vol, depth=3)
+        VolumePropagator(component(), vol, depth=3)
 
 
 # --------------------------------------------------------------------------- real data

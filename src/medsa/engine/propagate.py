@@ -129,6 +129,8 @@ class VolumePropagator:
         depth: SD-Trans / MA-SAM chunk depth (chunks of ``depth`` slices encoded together); None: 2D.
         batch_size: slices per image-encoder forward pass (with ``depth``: ``batch_size // depth``
             chunks, at least one).
+        model_ready: ``volume`` is already :func:`~medsa.engine.inference.model_input`'s
+            ``(D, H, W, 3)`` output (``intensity`` is then ignored).
     """
 
     def __init__(
@@ -138,18 +140,25 @@ class VolumePropagator:
         intensity: str = "auto",
         depth: int | None = None,
         batch_size: int = 8,
+        model_ready: bool = False,
     ) -> None:
         from medsa.engine.inference import as_predictor, model_input
 
         vol = np.asarray(volume)
-        if vol.ndim not in (3, 4):
+        if model_ready:  # already model_input's output (evaluate shares it with other protocols)
+            if vol.ndim != 4 or vol.shape[-1] != 3:
+                raise DataError(f"a model-ready volume is (D, H, W, 3), got shape {vol.shape}")
+        elif vol.ndim not in (3, 4):
             raise DataError(f"expected a volume (D, H, W) or (C, D, H, W), got shape {vol.shape}")
         if batch_size < 1:
             raise PromptError(f"batch_size must be >= 1, got {batch_size}")
         if depth is not None and depth < 1:
             raise PromptError(f"depth must be >= 1, got {depth}")
         self.predictor = as_predictor(predictor_or_model)
-        self.x = model_input(vol, True, intensity)  # (D, H, W, 3) in [0, 255]
+        # (D, H, W, 3) in [0, 255]
+        self.x = (
+            vol.astype(np.float32, copy=False) if model_ready else model_input(vol, True, intensity)
+        )
         self.shape: tuple[int, int, int] = tuple(int(v) for v in self.x.shape[:3])  # type: ignore[assignment]
         self.depth = None if depth is None else int(depth)
         self.batch_size = int(batch_size)
@@ -160,7 +169,6 @@ class VolumePropagator:
             raise PromptError("depth= needs a medsa Sam model or SamPredictor")
         self._features: dict[int, Any] = {}
         self._input_size: tuple[int, int] = (0, 0)
-        self._current: int | None = None
         #: number of slices whose embedding was computed (encoder work done), for tests / benchmarks
         self.n_encoded = 0
 
@@ -175,7 +183,6 @@ class VolumePropagator:
     def close(self) -> None:
         """Free the cached embeddings."""
         self._features.clear()
-        self._current = None
         if self._batched:
             self.predictor.reset_image()
 
@@ -197,7 +204,7 @@ class VolumePropagator:
         """
         todo = list(dict.fromkeys(self._check_z(z) for z in zs if int(z) not in self._features))
         if not todo or not self._batched:
-            # set_image-driven predictors encode when a slice is decoded (see _activate)
+            # set_image-driven predictors encode when a slice is decoded (see activate)
             return
         if self.depth is None:
             batches = [todo[i : i + self.batch_size] for i in range(0, len(todo), self.batch_size)]
@@ -244,25 +251,26 @@ class VolumePropagator:
         self.n_encoded += new
         return new
 
-    def _activate(self, z: int) -> None:
-        """Make slice ``z`` the predictor's current image (embedding from the cache)."""
-        if self._current == z:
-            return
+    def activate(self, z: int) -> None:
+        """Make slice ``z`` the predictor's current image (embedding from the cache, encoded if
+        missing), e.g. to decode other prompts on it with the predictor directly."""
+        z = self._check_z(z)
         p = self.predictor
         if not self._batched:
-            p.set_image(self.x[z])
+            p.set_image(self.x[z])  # no embedding to cache: the predictor keeps its own
             if z not in self._features:
                 self._features[z] = True
                 self.n_encoded += 1
         else:
             if z not in self._features:
                 self.embed([z])
+            if p.is_image_set and p.features is self._features[z]:
+                return  # already current (others, e.g. "everything" mode, may set images)
             p.reset_image()
             p.features = self._features[z]
             p.original_size = (self.shape[1], self.shape[2])
             p.input_size = self._input_size
             p.is_image_set = True
-        self._current = z
 
     # ------------------------------------------------------------------ decoding
 
@@ -274,7 +282,7 @@ class VolumePropagator:
         if prompt.empty:
             raise PromptError(f"empty prompt on slice {z}: give a box, points or a mask")
         prompt.validate(self.shape[1:])
-        self._activate(z)
+        self.activate(z)
         mask, score, logits = _decode_one(self.predictor, prompt)
         return SliceResult(mask, score, logits if logits.size else None)
 

@@ -19,7 +19,7 @@ one, not batched); a :class:`medsa.sam.Sam` or a ``SamPredictor`` gets the batch
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,6 +34,8 @@ __all__ = [
     "PropagationResult",
     "VolumePropagator",
     "propagate_volume",
+    "propagate_objects",
+    "object_keys",
     "next_prompt",
 ]
 
@@ -455,3 +457,60 @@ def propagate_volume(
     """One-shot :meth:`VolumePropagator.propagate` (``kwargs``: direction, progress, min_score, ...)."""
     with VolumePropagator(predictor_or_model, volume, intensity, depth, batch_size) as prop:
         return prop.propagate(keys, **kwargs)
+
+
+def object_keys(
+    slice_prompts: Mapping[int, Sequence[Prompt | None]] | None = None,
+    key_labels: np.ndarray | None = None,
+) -> list[dict[int, Prompt | np.ndarray]]:
+    """Key slices of each object from per-slice prompts and / or a key label map.
+
+    Args:
+        slice_prompts: ``{z: [prompt of object 0, prompt of object 1, ...]}`` (``None``: absent).
+        key_labels: ``(D, H, W)`` int label map; every non-empty slice of label ``k`` (1..K) is a
+            mask key of object ``k - 1`` (a mask drawn or corrected by hand).
+    Returns:
+        one ``{z: Prompt | mask (H, W)}`` per object (object k = label k + 1), a mask key winning
+        over a prompt on the same slice.
+    """
+    objs: dict[int, dict[int, Prompt | np.ndarray]] = {}
+    for z, prompts in (slice_prompts or {}).items():
+        for k, p in enumerate(prompts):
+            if p is not None and not p.empty:
+                objs.setdefault(k, {})[int(z)] = p
+    if key_labels is not None:
+        lab = np.asarray(key_labels)
+        if lab.ndim != 3:
+            raise PromptError(f"a key label map is (D, H, W), got shape {lab.shape}")
+        for v in np.unique(lab[lab > 0]).astype(int):
+            m = lab == v
+            for z in np.flatnonzero(m.reshape(len(m), -1).any(1)):
+                objs.setdefault(int(v) - 1, {})[int(z)] = m[z]
+    if not objs:
+        raise PromptError("no key slice: give a prompt or a mask on at least one slice")
+    return [objs.get(k, {}) for k in range(max(objs) + 1)]
+
+
+def propagate_objects(
+    predictor_or_model: Any,
+    volume: np.ndarray,
+    objects: Sequence[Mapping[int, Prompt | np.ndarray]],
+    intensity: str = "auto",
+    depth: int | None = None,
+    batch_size: int = 8,
+    **kwargs: Any,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Propagate several objects through one volume (shared embeddings).
+
+    ``objects``: one key dict per object (see :func:`object_keys`; an empty dict gives an empty
+    object). Returns ``masks (K, D, H, W)`` bool and ``scores (K, D)``.
+    """
+    with VolumePropagator(predictor_or_model, volume, intensity, depth, batch_size) as prop:
+        d, h, w = prop.shape
+        masks = np.zeros((len(objects), d, h, w), dtype=bool)
+        scores = np.full((len(objects), d), np.nan, dtype=np.float32)
+        for k, keys in enumerate(objects):
+            if keys:
+                r = prop.propagate(keys, **kwargs)
+                masks[k], scores[k] = r.masks, r.scores
+    return masks, scores

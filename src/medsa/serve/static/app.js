@@ -183,7 +183,7 @@
   async function showImage(info) {
     state.info = info; state.raw.clear(); state.prompts.clear(); state.results.clear();
     state.history.clear(); state.objects = []; state.nextLabel = 1;
-    stopJob();
+    stopJob(true);
     addObject();
     state.dirty = false;
     state.seq++;
@@ -606,9 +606,15 @@
   }
 
   // ------------------------------------------------------------------ propagation (volumes)
-  function stopJob() {
-    if (state.job) { clearTimeout(state.job.timer); state.job = null; }
+  function stopJob(cancel = false) {
+    if (state.job) {
+      clearTimeout(state.job.timer);
+      // another image was opened: the server need not finish a propagation nobody will see
+      if (cancel) api(`/api/jobs/${state.job.id}/cancel`, { json: {} }).catch(() => {});
+      state.job = null;
+    }
     ui.propagate.disabled = false; ui.propCancel.hidden = true;
+    document.body.dataset.propagating = "0";
   }
 
   async function propagate() {

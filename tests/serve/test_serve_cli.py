@@ -37,9 +37,8 @@ def test_help_lists_options(capsys):
         (["--host", "0.0.0.0"], "--allow-remote"),
         (["--root", "/definitely/not/here"], "not a folder"),
         (["--port", "70000"], "--port"),
-        (["--backbone", "vit_tiny", "--random-weights", "--device", "cuda:0"], "cuda"),
-        (["--backbone", "vit_tiny", "--random-weights", "--device", "bogus"], "--device"),
-        (["--backbone", "vit_tiny"], "--random-weights"),
+        (["--backbone", "vit_tiny", "--device", "cuda:0"], "cuda"),
+        (["--backbone", "vit_tiny", "--device", "bogus"], "--device"),
         (["--backbone", "nope"], "unknown model"),
         (["--backbone", "vit_tiny", "--checkpoint", "/no/such.pth"], "such.pth"),
     ],
@@ -63,14 +62,14 @@ def test_precision_bf16_casts_the_model_or_refuses(monkeypatch):
     from medsa.errors import ConfigError
     from medsa.serve.cli import build_model
 
-    fp32 = build_model("vit_tiny", None, None, "cpu", random_weights=True)
+    fp32 = build_model("vit_tiny", None, None, "cpu")
     assert next(fp32.parameters()).dtype == torch.float32
     monkeypatch.setattr(perf, "supports_bf16", lambda device: True)
-    bf16 = build_model("vit_tiny", None, None, "cpu", "bf16", random_weights=True)
+    bf16 = build_model("vit_tiny", None, None, "cpu", "bf16")
     assert {p.dtype for p in bf16.parameters()} == {torch.bfloat16}
     monkeypatch.setattr(perf, "supports_bf16", lambda device: False)
     with pytest.raises(ConfigError, match="no native bfloat16"):
-        build_model("vit_tiny", None, None, "cpu", "bf16", random_weights=True)
+        build_model("vit_tiny", None, None, "cpu", "bf16")
 
 
 @pytest.mark.slow
@@ -79,7 +78,7 @@ def test_serve_starts_and_answers(tmp_path):
 
     (tmp_path / "data").mkdir()
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    cmd = [sys.executable, "-m", "medsa.cli", "serve", "--backbone", "vit_tiny", "--random-weights", "--port", "0",
+    cmd = [sys.executable, "-m", "medsa.cli", "serve", "--backbone", "vit_tiny", "--port", "0",
            "--root", str(tmp_path / "data"), "--output", str(tmp_path / "out")]  # fmt: skip
     proc = subprocess.Popen(
         cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env

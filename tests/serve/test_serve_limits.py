@@ -273,3 +273,44 @@ def test_no_absolute_paths_in_info_and_errors(client, roots):
     img = _open(client, "rgb.png")
     r = client.post("/api/save", json={"image": img["id"], "masks": {"0": [N]}})
     assert r.status_code == 200 and secret not in r.text
+
+
+# ------------------------------------------------------------------------------ command line
+
+
+def test_limit_flags_reach_the_server_and_bad_values_exit_1(tmp_path, capsys, monkeypatch):
+    from medsa.cli import main
+    from medsa.serve import cli
+
+    with pytest.raises(SystemExit):
+        main(["serve", "--help"])
+    out = capsys.readouterr().out
+    for flag in ("--max-image-mpix", "--max-volume-mvox", "--max-request-mb", "--max-uploads",
+                 "--max-upload-total-mb", "--upload-dir"):  # fmt: skip
+        assert flag in out
+    base = ["serve", "--root", str(tmp_path), "--output", str(tmp_path / "o")]
+    code = main([*base, "--max-request-mb", "0"])
+    err = capsys.readouterr().err
+    assert code == 1 and "max_request_mb must be a positive number" in err
+    assert "Traceback" not in err
+
+    seen = {}
+
+    def stop(backbone, *a, **k):  # the config is built before the model: capture and stop there
+        raise SystemExit(0)
+
+    import medsa.serve.service as service
+
+    real = service.ServeConfig
+
+    def capture(**kw):
+        seen.update(kw)
+        return real(**kw)
+
+    monkeypatch.setattr(service, "ServeConfig", capture)
+    monkeypatch.setattr(cli, "build_model", stop)
+    with pytest.raises(SystemExit):
+        main([*base, "--max-image-mpix", "2", "--max-volume-mvox", "3", "--max-request-mb", "4",
+              "--max-uploads", "5", "--max-upload-total-mb", "6"])  # fmt: skip
+    assert (seen["max_image_mpix"], seen["max_volume_mvox"], seen["max_request_mb"],
+            seen["max_uploads"], seen["max_upload_total_mb"]) == (2, 3, 4, 5, 6)  # fmt: skip

@@ -46,11 +46,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "and CPUs with AVX512-BF16/AMX; masks agree with fp32 on ~99.7%% of pixels)",
     )
     p.add_argument(
-        "--random-weights",
-        action="store_true",
-        help="allow a backbone without --checkpoint (random weights: meaningless masks; tests only)",
-    )
-    p.add_argument(
         "--max-upload-mb", type=float, default=512.0, help="largest upload accepted (file size)"
     )
     p.add_argument(
@@ -90,34 +85,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
 
 
-#: backbones whose weights come with an installed package (no --checkpoint needed)
-BUNDLED_WEIGHTS = ("lite_medsam",)
-
-
 def build_model(
     backbone: str,
     checkpoint: Path | None,
     adapter: Path | None,
     device: str,
     precision: str = "fp32",
-    *,
-    random_weights: bool = False,
 ):
-    """Backbone (+ adapter) in eval mode on ``device``, weights in ``precision``.
-
-    Raises:
-        ConfigError: a backbone without weights (no ``checkpoint``, none bundled) unless
-            ``random_weights``: random weights give meaningless masks that look like results.
-    """
-    from medsa.sam.build import MODEL_NAMES
-
-    known = backbone in MODEL_NAMES  # an unknown name gets build_sam's "unknown model" error
-    if known and checkpoint is None and backbone not in BUNDLED_WEIGHTS and not random_weights:
-        raise ConfigError(
-            f"--backbone {backbone} has no weights without --checkpoint: its masks would be "
-            "meaningless. Give --checkpoint, use --backbone lite_medsam, or add --random-weights "
-            "(tests only)"
-        )
+    """Backbone (+ adapter) in eval mode on ``device``, weights in ``precision``."""
     import torch
 
     from medsa.engine.evaluate import load_model
@@ -137,18 +112,8 @@ def build_model(
             f"--precision bf16: {dev} has no native bfloat16 matmuls (needs a GPU with bf16 or a "
             "CPU with AVX512-BF16 / AMX); use --precision fp32"
         )
-    model = _load(load_model, backbone, checkpoint, adapter, dev, random_weights)
+    model = load_model(backbone, checkpoint, adapter, dev)
     return model.to(torch.bfloat16) if precision == "bf16" else model
-
-
-def _load(load_model, backbone, checkpoint, adapter, dev, random_weights: bool):  # noqa: ANN001
-    """``engine.evaluate.load_model``; passes ``random_weights`` where the loader takes it (the
-    shared loader gains that keyword with issue #14's CLI change)."""
-    import inspect
-
-    if "random_weights" in inspect.signature(load_model).parameters:
-        return load_model(backbone, checkpoint, adapter, dev, random_weights=random_weights)
-    return load_model(backbone, checkpoint, adapter, dev)
 
 
 def main(args: argparse.Namespace) -> int:
@@ -181,8 +146,7 @@ def main(args: argparse.Namespace) -> int:
         if not Path(r).is_dir():
             raise ConfigError(f"--root {r}: not a folder")
     print(f"loading {args.backbone} on {args.device} ({args.precision}) ...", flush=True)
-    model = build_model(args.backbone, args.checkpoint, args.adapter, args.device, args.precision,
-                        random_weights=args.random_weights)  # fmt: skip
+    model = build_model(args.backbone, args.checkpoint, args.adapter, args.device, args.precision)
 
     import uvicorn
 

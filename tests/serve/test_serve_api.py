@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import os
 import threading
-from pathlib import Path
 
 import numpy as np
 import pytest
 from serve_helpers import IMAGE_SHAPE, VOLUME_AFFINE, VOLUME_SHAPE
 
-from medsa.serve.service import rle_encode
+from medsa.serve.rle import rle_encode
 
 
 def _open(client, path: str) -> dict:
@@ -303,15 +302,19 @@ def test_save_2d_png(client, roots):
     mask[10:20, 30:50] = True
     r = client.post("/api/save", json={"image": img["id"], "masks": {"0": rle_encode(mask)}})
     assert r.status_code == 200, r.text
-    out = Path(r.json()["path"])
-    assert out == roots["out"].resolve() / "rgb_mask.png" and r.json()["foreground"] == 200
+    assert r.json()["path"] == "out/rgb_mask.png"  # no absolute server path
+    out = roots["out"] / "rgb_mask.png"
+    assert r.json()["foreground"] == {"object 1": 200}
     saved = np.asarray(Image.open(out))
     assert saved.shape == (h, w)
-    np.testing.assert_array_equal(saved > 0, mask)
+    np.testing.assert_array_equal(saved, mask.astype(np.uint8))  # label map: label 1
     dl = client.get(r.json()["download"])
     assert dl.status_code == 200 and dl.content == out.read_bytes()
     # no temporary files are left in the output folder (atomic write)
-    assert sorted(p.name for p in roots["out"].iterdir()) == ["rgb_mask.png"]
+    assert sorted(p.name for p in roots["out"].iterdir()) == [
+        "rgb_mask.labels.json",
+        "rgb_mask.png",
+    ]
 
 
 def test_save_3d_keeps_geometry(client, roots):

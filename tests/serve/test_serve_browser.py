@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import json
+import re
 import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
+from serve_helpers import BrightPredictor
 
 CHROMIUM = Path("/usr/bin/chromium")
 KVASIR = Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "Kvasir-SEG" / "images"
@@ -67,7 +70,11 @@ def test_click_mask_save_2d_and_3d(browser_page, make_app, roots):
         width, height = im.size
     stem = name.rsplit(".", 1)[0]
 
-    with ServerThread(make_app()) as server:
+    app = make_app()
+    # Propagation uses the stub that follows the fixture's bright block (the random-weight tiny
+    # model has no notion of an object); clicks use the real model.
+    app.state.service.propagators.model = BrightPredictor()
+    with ServerThread(app) as server:
         page.goto(server.url + "/")
         expect(page.locator("#model")).to_contain_text("vit_tiny")
         page.locator("#file-list li", has_text=name).click()
@@ -101,10 +108,16 @@ def test_click_mask_save_2d_and_3d(browser_page, make_app, roots):
         expect(overlay).not_to_have_attribute("data-mask-pixels", "0")
         area = int(overlay.get_attribute("data-mask-pixels"))
 
+        # a file of that name that this session did not write: the page asks before replacing it
+        roots["out"].mkdir(exist_ok=True)
+        (roots["out"] / f"{stem}_mask.png").write_bytes(b"an older mask")
+        dialogs: list[str] = []
+        page.once("dialog", lambda d: (dialogs.append(d.message), d.accept()))
         page.locator("#save").click()
         expect(page.locator("body")).to_have_attribute(
             "data-saved", f"{stem}_mask.png", timeout=20000
         )
+        assert len(dialogs) == 1 and "already exists" in dialogs[0]
         expect(page.locator("#download")).to_be_visible()
         page.screenshot(path=str(SCREENSHOT))
         saved = roots["out"] / f"{stem}_mask.png"
@@ -128,6 +141,36 @@ def test_click_mask_save_2d_and_3d(browser_page, make_app, roots):
         page.keyboard.press("s")
         expect(page.locator("body")).to_have_attribute("data-saved", "vol_mask.nii.gz")
 
+        # a second object, named, segmented on the same slice (the box follows the previous
+        # mask: feedback) and propagated through the volume
+        page.locator("#obj-add").click()
+        expect(page.locator("#objects li")).to_have_count(2)
+        page.locator("#obj-name").fill("block")
+        page.locator("#obj-name").press("Enter")
+        expect(page.locator("#objects li.active")).to_contain_text("2: block")
+        expect(overlay).to_have_attribute("data-mask-pixels", "0")  # object 2 has no mask yet
+        _drag(page, box, (0.2, 0.2), (0.8, 0.8))
+        expect(page.locator("body")).to_have_attribute("data-pending", "0", timeout=20000)
+        expect(overlay).not_to_have_attribute("data-mask-pixels", "0", timeout=20000)
+        page.mouse.click(box["x"] + box["width"] * 0.5, box["y"] + box["height"] * 0.5)
+        expect(page.locator("body")).to_have_attribute("data-mask-input-used", "true",
+                                                       timeout=20000)  # fmt: skip
+        expect(page.locator("#propagate")).to_be_visible()
+        page.locator("#propagate").click()
+        # data-propagated is set when the job's masks are applied (at least one slice added)
+        expect(page.locator("body")).to_have_attribute(
+            "data-propagated", re.compile(r"^[1-9]\d*$"), timeout=60000
+        )
+        expect(page.locator("body")).to_have_attribute("data-propagating", "0")
+        n_prop = int(page.locator("body").get_attribute("data-propagated"))
+        page.screenshot(path=str(SCREENSHOT.with_name("medsa_serve_e2e_3d.png")))
+        page.keyboard.press("ArrowDown")
+        page.keyboard.press("ArrowDown")
+        expect(page.locator("#slice-label")).to_have_text("slice 2 / 5")
+        expect(overlay).not_to_have_attribute("data-mask-pixels", "0")  # a propagated mask
+        page.keyboard.press("s")
+        expect(page.locator("#save-info")).to_contain_text("2 object(s)", timeout=20000)
+
         # upload from the file picker opens the image too
         page.set_input_files("#upload", str(roots["root"] / "rgb.png"))
         expect(page.locator("#image-name")).to_have_text("rgb.png", timeout=20000)
@@ -139,5 +182,13 @@ def test_click_mask_save_2d_and_3d(browser_page, make_app, roots):
     nii = nib.load(roots["out"] / "vol_mask.nii.gz")
     np.testing.assert_allclose(nii.affine, VOLUME_AFFINE, atol=1e-5)
     data = np.transpose(np.asarray(nii.dataobj), (2, 1, 0))  # -> (D, H, W)
-    assert int(data[3].sum()) == area3d and int(data.sum()) == area3d  # only slice index 3
-    assert errors == []
+    # object 1 only on slice index 3 (possibly partly covered by object 2 there)
+    assert set(np.unique(data).tolist()) <= {0, 1, 2}
+    assert int((data == 1).sum()) <= area3d and int((data[:3] == 1).sum()) == 0
+    # object 2: the key slice plus the propagated ones, far from the key slice too
+    slices2 = sorted({int(z) for z in np.nonzero(data == 2)[0]})
+    assert len(slices2) == n_prop + 1 and 3 in slices2 and min(slices2) <= 1
+    side = json.loads((roots["out"] / "vol_mask.labels.json").read_text())
+    assert side["labels"] == {"object 1": 1, "block": 2}
+    # the browser logs the expected 409 of the first save attempt; nothing else may fail
+    assert [e for e in errors if "409 (Conflict)" not in e] == []

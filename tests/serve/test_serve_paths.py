@@ -7,6 +7,7 @@ import os
 import numpy as np
 import pytest
 
+from medsa.serve.images import default_save_name
 from medsa.serve.paths import (
     AccessDenied,
     NotFound,
@@ -14,7 +15,7 @@ from medsa.serve.paths import (
     image_suffix,
     safe_output_name,
 )
-from medsa.serve.service import default_save_name, rle_decode, rle_encode
+from medsa.serve.rle import rle_decode, rle_encode
 
 
 @pytest.fixture

@@ -45,7 +45,8 @@ def test_litemedsam_box_prompts_through_the_api(lite_medsam, tmp_path):
 
     from medsa.data.io import read_image
     from medsa.serve.app import create_app
-    from medsa.serve.service import ServeConfig, rle_decode
+    from medsa.serve.rle import rle_decode
+    from medsa.serve.service import ServeConfig
 
     kvasir_img = DATA / "Kvasir-SEG" / "images" / f"{KVASIR_ID}.jpg"
     acdc_img = DATA / "ACDC" / "imagesTr" / f"{ACDC_ID}.nii.gz"
@@ -86,3 +87,70 @@ def test_litemedsam_box_prompts_through_the_api(lite_medsam, tmp_path):
         d = _dice(wrong, lab[z])
         print(f"wrong box dice {d:.3f}")
         assert d < 0.3, d
+
+
+def test_litemedsam_propagation_through_the_api(lite_medsam, tmp_path):
+    """One box on the largest LV slice of an ACDC volume, propagated by the server: the volume
+    Dice of the saved label map (all slices predicted) against the ground truth."""
+    import json
+    import time
+
+    from fastapi.testclient import TestClient
+
+    from medsa.data.io import read_image
+    from medsa.serve.app import create_app
+    from medsa.serve.rle import rle_decode, rle_encode
+    from medsa.serve.service import ServeConfig
+
+    acdc_img = DATA / "ACDC" / "imagesTr" / f"{ACDC_ID}.nii.gz"
+    if not acdc_img.exists():
+        pytest.skip("needs ../shared/data (ACDC)")
+    pytest.importorskip("medsa.engine.propagate")
+    root = tmp_path / "root"
+    root.mkdir()
+    shutil.copy(acdc_img, root)
+    lab = read_image(DATA / "ACDC" / "labelsTr" / f"{ACDC_ID}.nii.gz").array == 3
+    z = int(lab.sum(axis=(1, 2)).argmax())
+    app = create_app(lite_medsam, ServeConfig(roots=(root,), output_dir=tmp_path / "out"))
+    with TestClient(app, base_url="http://127.0.0.1", headers={"X-Medsa": "1"}) as c:
+        info = c.post("/api/open", json={"root": 0, "path": acdc_img.name}).json()
+        r = c.post("/api/predict", json={"image": info["id"], "slice": z, "box": _box(lab[z])})
+        key = rle_decode(r.json()["masks"][0]["rle"], lab.shape[1:])
+        t0 = time.perf_counter()
+        job = c.post(
+            "/api/propagate", json={"image": info["id"], "keys": {str(z): rle_encode(key)}}
+        )
+        assert job.status_code == 200, job.text
+        while (st := c.get(f"/api/jobs/{job.json()['job']}").json())["state"] in (
+            "queued",
+            "running",
+        ):
+            time.sleep(0.2)
+        seconds = time.perf_counter() - t0
+        assert st["state"] == "done", st
+        masks = {int(k): v for k, v in st["masks"].items()}
+        masks[z] = rle_encode(key)
+        r = c.post(
+            "/api/save",
+            json={
+                "image": info["id"],
+                "objects": [
+                    {"name": "LV", "label": 1, "masks": {str(k): v for k, v in masks.items()}}
+                ],
+            },
+        )
+        assert r.status_code == 200, r.text
+    saved = read_image(tmp_path / "out" / r.json()["name"])
+    src = read_image(acdc_img)
+    np.testing.assert_allclose(saved.affine, src.affine, atol=1e-4)  # the input's geometry
+    pred = saved.array == 1
+    d = _dice(pred, lab)
+    far = [k for k in masks if abs(k - z) >= 2]
+    print(
+        f"ACDC LV propagated from slice {z}: volume dice {d:.3f}, slices {sorted(masks)} "
+        f"(GT {sorted(set(np.nonzero(lab)[0].tolist()))}), {seconds:.1f} s"
+    )
+    assert far, "no mask two or more slices away from the key slice"
+    assert d > 0.7, d
+    side = json.loads((tmp_path / "out" / r.json()["sidecar"]).read_text())
+    assert side["labels"] == {"LV": 1}

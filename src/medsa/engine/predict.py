@@ -375,6 +375,7 @@ def run_job(
     # the model's grid (training's data.resize_to); the result is resampled back to `shape`
     xm, grid = _model_grid(x, getattr(args, "resize_to", None))
     prompts_used: Any = None
+    propagated = False  # every slice predicted: none is cleared after resampling back
     if args.auto:
         labels = _auto_labels(predictor, xm, is_3d, args.depth)
     elif args.everything:
@@ -395,6 +396,8 @@ def run_job(
     else:
         if job.entry is not None:
             prompts = parse_prompt_entry(job.entry, is_3d, job.path.name)
+        elif args.key_mask is not None:
+            prompts = {}  # the mask file holds the keys (below)
         elif cli is not None:
             if is_3d:
                 if not args.slice:
@@ -409,7 +412,16 @@ def run_job(
             raise PromptError(
                 "no prompt: give --point/--box, --prompts FILE, --everything or --auto"
             )
-        if is_3d:
+        if args.propagate or args.key_mask is not None:
+            if not is_3d or not isinstance(prompts, Mapping):
+                raise PromptError(f"{job.path}: --propagate / --key-mask apply to volumes")
+            if grid == shape:
+                masks = _propagate(predictor, img.array, prompts, args, args.intensity)
+            else:  # on the model grid, like the per-slice path below
+                mp = _prompts_to_grid(prompts, shape, grid)
+                masks = _propagate(predictor, np.moveaxis(xm, -1, 0), mp, args, "none", shape)
+            propagated = True
+        elif is_3d:
             if not isinstance(prompts, Mapping):
                 raise PromptError(f"{job.path} is a volume: prompts must be given per slice")
             if grid == shape:
@@ -430,7 +442,8 @@ def run_job(
         prompts_used = prompts
     if grid != shape:  # back to the input's grid (nearest), so its geometry applies
         labels = resize_spatial(labels, shape, kind="label")
-        if is_3d and isinstance(prompts_used, Mapping):  # unprompted slices stay empty
+        if is_3d and isinstance(prompts_used, Mapping) and not propagated:
+            # unprompted slices stay empty
             keep = np.zeros(shape[0], bool)
             keep[[int(z) for z in prompts_used]] = True
             labels[~keep] = 0
@@ -443,6 +456,46 @@ def run_job(
         display = np.clip(x, 0, 255).astype(np.uint8)
         written.append(write_overlay(display, labels, ov, prompts_used, is_3d))
     return written
+
+
+def _propagate(
+    predictor: Any,
+    volume: np.ndarray,
+    prompts: Mapping[int, Any],
+    args: argparse.Namespace,
+    intensity: str,
+    shape: tuple[int, ...] | None = None,
+) -> np.ndarray:
+    """``--propagate``: the key slices of every object (prompts, ``--key-mask``) -> ``(K, D, H, W)``
+    on the grid of ``volume``; ``shape``: the input's own ``(D, H, W)`` when ``volume`` is on a
+    resized model grid (the key mask is given on the input's grid and resampled, nearest)."""
+    from medsa.data.io import read_image
+    from medsa.engine.propagate import object_keys, propagate_objects
+
+    labels = None
+    grid = tuple(volume.shape[-3:])
+    if args.key_mask is not None:
+        labels = np.asarray(read_image(args.key_mask).array)
+        d, h, w = shape if shape is not None else grid
+        if labels.shape == (h, w):  # one 2D key mask: it belongs to --slice Z
+            if not args.slice or ":" in args.slice:
+                raise PromptError("a 2D --key-mask needs --slice Z (one slice)")
+            z = parse_slices(args.slice, d)[0]
+            labels = np.zeros((d, h, w), np.int64) + (np.arange(d) == z)[:, None, None] * labels
+        if labels.shape != (d, h, w) or not np.array_equal(labels, np.round(labels)):
+            raise PromptError(
+                f"--key-mask {args.key_mask}: expected integer labels of shape {(d, h, w)} "
+                f"or {(h, w)}, got {labels.dtype} {labels.shape}"
+            )
+        labels = labels.astype(np.int64)
+        if labels.shape != grid:
+            labels = resize_spatial(labels, grid, kind="label")
+    objects = object_keys(prompts, labels)
+    kw = {"min_score": args.min_score} if args.min_score is not None else {}
+    masks, _ = propagate_objects(
+        predictor, volume, objects, intensity=intensity, depth=args.depth, **kw
+    )
+    return masks
 
 
 _COLORS = np.array(
@@ -533,6 +586,24 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="per-file prompts (see docs/evaluation.md); keys are file paths or names",
     )
     g.add_argument(
+        "--propagate",
+        action="store_true",
+        help="volumes: propagate the prompts of the key slice(s) (--slice, --prompts) to every "
+        "slice the object reaches (docs/propagation.md); one label per object",
+    )
+    g.add_argument(
+        "--key-mask",
+        type=Path,
+        metavar="FILE",
+        help="with --propagate: a mask as key, 2D (H, W) for --slice Z or a (D, H, W) label map "
+        "(label k = object k; every non-empty slice is a key)",
+    )
+    g.add_argument(
+        "--min-score",
+        type=float,
+        help="--propagate: predicted IoU below which the object ends (default: see docs)",
+    )
+    g.add_argument(
         "--everything", action="store_true", help="SAM automatic mode: label every object"
     )
     g.add_argument(
@@ -590,18 +661,25 @@ def main(args: argparse.Namespace) -> int:
             args.prompts is not None,
             bool(args.everything),
             bool(args.auto),
+            args.key_mask is not None,
         ]
     )
     if n_modes == 0:
         raise PromptError("no prompt: give --point/--box, --prompts FILE, --everything or --auto")
     if n_modes > 1:
-        raise PromptError("use only one of --point/--box, --prompts, --everything and --auto")
+        raise PromptError(
+            "use only one of --point/--box, --prompts, --key-mask, --everything and --auto"
+        )
     if args.depth is not None and args.depth < 1:
         raise ConfigError(f"--depth must be >= 1, got {args.depth}")
     if args.points_per_side < 1:
         raise ConfigError(f"--points-per-side must be >= 1, got {args.points_per_side}")
-    if args.slice and not (args.point or args.box):
-        raise PromptError("--slice applies to --point/--box")
+    if args.propagate and (args.everything or args.auto):
+        raise PromptError("--propagate needs prompts (--point/--box with --slice, or --prompts)")
+    if args.slice and not (args.point or args.box or args.key_mask):
+        raise PromptError("--slice applies to --point/--box/--key-mask")
+    if args.out.exists() and not args.out.is_dir():
+        raise ConfigError(f"--out {args.out} exists and is not a folder")
     cli = cli_prompt(args.point, args.box)
     table = load_prompt_file(args.prompts) if args.prompts is not None else None
 

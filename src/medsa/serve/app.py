@@ -7,17 +7,23 @@ API (all errors are JSON ``{"error": "<message>"}`` with a meaningful status cod
 - ``POST /api/open {root, path}``: open an image -> image info (id, size, slices, window)
 - ``POST /api/upload?filename=NAME`` (raw file body): size / type / decode checked -> image info
 - ``GET /api/images/{id}/slices/{z}``: raw slice for the canvas (float32 gray or uint8 RGB)
-- ``POST /api/predict {image, slice, points: [[x, y, label]], box, multimask}``: candidate masks
-  (run-length encoded) with their predicted IoU
+- ``POST /api/predict {image, slice, points: [[x, y, label]], box, multimask, mask_input}``:
+  candidate masks (run-length encoded) with their predicted IoU and a token of their low-res logits
+  (``mask_input`` of the next click: previous-mask feedback)
 - ``POST /api/embed {image, slice}``: compute (and cache) a slice's embedding ahead of a click
-- ``POST /api/save {image, name, masks: {slice: rle}}``: write the mask into the output folder
+- ``POST /api/save {image, name, objects: [{name, label, masks: {slice: rle}}], overwrite}``: write
+  one label map plus a ``.labels.json`` sidecar into the output folder (409: exists, confirm)
+- ``POST /api/propagate {image, keys: {slice: rle}, direction}``: start propagating one object
+  through a volume in a background thread -> ``{job}``; ``GET /api/jobs/{job}``: progress, then the
+  masks per slice; ``POST /api/jobs/{job}/cancel``
 - ``GET /api/download/{name}``: a saved mask, as an attachment
 - ``GET /api/stats``: encoder calls and embedding-cache counters
 
 Security: only files under the root folders are readable (see :mod:`medsa.serve.paths`), masks are
 written only inside the output folder, the ``Host`` header must be a loopback name when the server
-listens on loopback (DNS-rebinding guard), and state-changing requests need the ``X-Medsa`` header
-that only same-origin scripts can send (CSRF guard).
+listens on loopback (DNS-rebinding guard), state-changing requests need the ``X-Medsa`` header
+that only same-origin scripts can send (CSRF guard), JSON bodies are limited in size
+(:class:`BodyLimit`), and messages never contain absolute server paths. See SECURITY.md.
 """
 
 from __future__ import annotations
@@ -28,16 +34,20 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from medsa.errors import ConfigError, DataError, MedsaError, PromptError
 
+from .outputs import MAX_OBJECTS, LabelledObject, OverwriteNeeded
 from .paths import AccessDenied, NotFound
-from .service import SegmentationService, ServeConfig, UploadError, rle_decode, rle_encode
+from .rle import rle_decode, rle_encode
+from .service import SegmentationService, ServeConfig
+from .uploads import UploadError
 
 if TYPE_CHECKING:
     from medsa.sam.sam import Sam
@@ -53,6 +63,7 @@ LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1", "[::1]")
 CSRF_HEADER = "x-medsa"
 
 _STATUS: list[tuple[type[MedsaError], int]] = [
+    (OverwriteNeeded, 409),
     (AccessDenied, 403),
     (NotFound, 404),
     (PromptError, 422),
@@ -75,10 +86,12 @@ class PredictRequest(BaseModel):
     image: str = Field(max_length=64)
     slice: int = 0
     #: clicks as ``[x, y, label]`` in image pixels; label 1 positive, 0 negative
-    points: list[tuple[float, float, int]] = Field(default_factory=list)
+    points: list[tuple[float, float, int]] = Field(default_factory=list, max_length=10_000)
     #: ``[x0, y0, x1, y1]`` in image pixels
-    box: list[float] | None = None
+    box: list[float] | None = Field(default=None, max_length=16)
     multimask: bool = False
+    #: token of the mask shown before this prompt (``masks[i].token`` of an earlier answer)
+    mask_input: str | None = Field(default=None, max_length=64)
 
 
 class EmbedRequest(BaseModel):
@@ -86,11 +99,32 @@ class EmbedRequest(BaseModel):
     slice: int = 0
 
 
+#: run-length encoded masks by slice index (a string: JSON keys); see :mod:`medsa.serve.rle`
+SliceMasks = dict[str, list[int]]
+
+
+class SaveObject(BaseModel):
+    name: str = Field(min_length=1, max_length=100)
+    label: int
+    masks: SliceMasks = Field(default_factory=dict)
+
+
 class SaveRequest(BaseModel):
     image: str = Field(max_length=64)
     name: str | None = Field(default=None, max_length=200)
-    #: slice index (as a string, JSON keys) -> run-length encoded mask (see ``rle_encode``)
-    masks: dict[str, list[int]] = Field(default_factory=dict)
+    #: the objects of the label map (one label each)
+    objects: list[SaveObject] = Field(default_factory=list, max_length=MAX_OBJECTS + 1)
+    #: one object's masks (label 1, named "object 1"); kept for API clients of the binary format
+    masks: SliceMasks | None = None
+    #: replace an existing file this session did not write (the page asks the user first)
+    overwrite: bool = False
+
+
+class PropagateRequest(BaseModel):
+    image: str = Field(max_length=64)
+    #: key slices of one object: slice -> its mask (taken verbatim)
+    keys: SliceMasks = Field(min_length=1)
+    direction: str = Field(default="both", pattern="^(both|up|down)$")
 
 
 # ------------------------------------------------------------------------------- application
@@ -123,6 +157,7 @@ def create_app(
         title="medsa serve", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan
     )
     app.state.service = service
+    app.add_middleware(BodyLimit, limit=int(config.max_request_mb * 2**20), exempt=("/api/upload",))
     name = model_name or getattr(model, "name", type(model).__name__)
 
     # ---------------------------------------------------------------- middleware / errors
@@ -151,7 +186,11 @@ def create_app(
     @app.exception_handler(MedsaError)
     async def medsa_error(request: Request, exc: MedsaError) -> JSONResponse:
         status = next(code for cls, code in _STATUS if isinstance(exc, cls))
-        return _error(status, str(exc))
+        return _error(status, service.public_message(str(exc)))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return _error(exc.status_code, str(exc.detail))
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -184,8 +223,17 @@ def create_app(
             "roots": [
                 {"index": i, "name": r.name or str(r)} for i, r in enumerate(service.roots.roots)
             ],
-            "output_dir": str(service.output_dir),
+            # the folder's name only: absolute server paths are not shown to clients
+            "output_dir": service.output_dir.name,
             "max_upload_mb": config.max_upload_mb,
+            "limits": {
+                "max_upload_mb": config.max_upload_mb,
+                "max_uploads": config.max_uploads,
+                "max_upload_total_mb": config.max_upload_total_mb,
+                "max_image_mpix": config.max_image_mpix,
+                "max_volume_mvox": config.max_volume_mvox,
+                "max_request_mb": config.max_request_mb,
+            },
         }
 
     @app.get("/api/files")
@@ -244,7 +292,9 @@ def create_app(
     @app.post("/api/predict")
     def predict(req: PredictRequest) -> dict[str, Any]:
         img = service.images.get(req.image)
-        p = service.predict(img, req.slice, list(req.points), req.box, req.multimask)
+        p = service.predict(
+            img, req.slice, list(req.points), req.box, req.multimask, req.mask_input
+        )
         areas = [int(m.sum()) for m in p.masks]
         return {
             "image": img.id,
@@ -252,11 +302,17 @@ def create_app(
             "width": img.width,
             "height": img.height,
             "masks": [
-                {"rle": rle_encode(m), "score": float(s), "area": a}
-                for m, s, a in zip(p.masks, p.scores, areas, strict=True)
+                {
+                    "rle": rle_encode(m),
+                    "score": float(s),
+                    "area": a,
+                    "token": service.logits.put(img.id, req.slice, lg),
+                }
+                for m, s, a, lg in zip(p.masks, p.scores, areas, p.logits, strict=True)
             ],
             "best": int(p.scores.argmax()),
             "cached": p.cached,
+            "mask_input_used": p.used_mask_input,
             "ms": round(p.seconds * 1000, 1),
         }
 
@@ -271,22 +327,50 @@ def create_app(
     @app.post("/api/save")
     def save(req: SaveRequest) -> dict[str, Any]:
         img = service.images.get(req.image)
-        masks = {}
-        for key, runs in req.masks.items():
-            try:
-                z = int(key)
-            except ValueError:
-                raise PromptError(f"mask key {key!r} is not a slice index") from None
-            img.check_slice(z)
-            masks[z] = rle_decode(runs, (img.height, img.width))
-        dest = service.save(img, masks, req.name)
-        foreground = int(sum(int(m.sum()) for m in masks.values()))
+        given = list(req.objects)
+        if req.masks is not None:
+            given.append(SaveObject(name="object 1", label=1, masks=req.masks))
+        if not given:
+            raise PromptError("nothing to save: give at least one object")
+        if len(given) > MAX_OBJECTS:
+            raise PromptError(f"too many objects ({len(given)}); at most {MAX_OBJECTS} per file")
+        # masks stay run lengths here: decoded slice by slice while the label map is painted
+        objects = [LabelledObject(o.name, o.label, _slice_keys(img, o.masks)) for o in given]
+        dest, sidecar = service.save(img, objects, req.name, req.overwrite)
         return {
             "name": dest.name,
-            "path": str(dest),
-            "foreground": foreground,
+            # relative to the output folder's parent: absolute server paths are not shown
+            "path": f"{service.output_dir.name}/{dest.name}",
+            "sidecar": sidecar.name,
+            "labels": {o.name: o.label for o in objects},
+            "foreground": {o.name: o.foreground for o in objects},
             "download": f"/api/download/{dest.name}",
         }
+
+    @app.post("/api/propagate")
+    def propagate(req: PropagateRequest) -> dict[str, Any]:
+        img = service.images.get(req.image)
+        keys = {
+            z: rle_decode(runs, (img.height, img.width))
+            for z, runs in _slice_keys(img, req.keys).items()
+        }
+        job = service.propagate(img, keys, req.direction)
+        return job.public()
+
+    @app.get("/api/jobs/{job_id}")
+    def job_status(job_id: str) -> dict[str, Any]:
+        job = service.jobs.get(job_id)
+        out = job.public()
+        if job.state == "done" and job.kind == "propagate":
+            res = job.result
+            out["masks"] = {str(z): rle_encode(m) for z, m in res.masks.items()}
+            out["scores"] = {str(z): (s if s == s else None) for z, s in res.scores.items()}
+            out["z_range"] = list(res.z_range) if res.z_range is not None else None
+        return out
+
+    @app.post("/api/jobs/{job_id}/cancel")
+    def job_cancel(job_id: str) -> dict[str, Any]:
+        return service.jobs.cancel(job_id).public()
 
     @app.get("/api/download/{name}")
     def download(name: str) -> FileResponse:
@@ -303,6 +387,57 @@ def create_app(
         return service.stats()
 
     return app
+
+
+def _slice_keys(img: Any, masks: dict[str, list[int]]) -> dict[int, list[int]]:
+    """``{"3": rle}`` -> ``{3: rle}`` with every key checked to be a slice of ``img``."""
+    out = {}
+    for key, runs in masks.items():
+        if not (key.isascii() and key.isdigit()) or len(key) > 9:
+            raise PromptError(f"mask key {key[:20]!r} is not a slice index")
+        out[img.check_slice(int(key))] = runs
+    return out
+
+
+class _BodyTooLarge(HTTPException):
+    pass
+
+
+class BodyLimit:
+    """ASGI middleware: request bodies larger than ``limit`` bytes get 413, before parsing.
+
+    A declared ``Content-Length`` above the limit is refused without reading; a body sent without
+    one (chunked) is counted while it streams and refused as soon as it passes the limit, so a
+    huge JSON document never reaches the parser. ``exempt`` paths (uploads) have their own limit.
+    """
+
+    def __init__(self, app: Any, limit: int, exempt: tuple[str, ...] = ()) -> None:
+        self.app, self.limit, self.exempt = app, limit, exempt
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or scope.get("path") in self.exempt:
+            await self.app(scope, receive, send)
+            return
+        msg = (
+            f"request body is larger than {self.limit / 2**20:g} MB (start the server with "
+            "--max-request-mb to change the limit)"
+        )
+        declared = dict(scope.get("headers") or []).get(b"content-length")
+        if declared is not None and (not declared.isdigit() or int(declared) > self.limit):
+            await _error(413, msg)(scope, receive, send)
+            return
+        seen = 0
+
+        async def limited() -> Any:
+            nonlocal seen
+            message = await receive()
+            if message.get("type") == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.limit:
+                    raise _BodyTooLarge(413, msg)
+            return message
+
+        await self.app(scope, limited, send)
 
 
 def _host_name(header: str) -> str:

@@ -51,7 +51,35 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="model weights: fp32 (default) or bf16 (faster image embedding and clicks on GPUs "
         "and CPUs with AVX512-BF16/AMX; masks agree with fp32 on ~99.7%% of pixels)",
     )
-    p.add_argument("--max-upload-mb", type=float, default=512.0, help="largest upload accepted")
+    p.add_argument(
+        "--max-upload-mb", type=float, default=512.0, help="largest upload accepted (file size)"
+    )
+    p.add_argument(
+        "--max-uploads", type=int, default=8, help="uploads kept at most; the oldest is deleted"
+    )
+    p.add_argument(
+        "--max-upload-total-mb", type=float, default=2048.0, help="total size of uploads kept"
+    )
+    p.add_argument(
+        "--upload-dir",
+        type=Path,
+        help="where the private (0700) upload folder is made (default: the system temp folder)",
+    )
+    p.add_argument(
+        "--max-image-mpix",
+        type=float,
+        default=40.0,
+        help="largest 2D image opened, in millions of decoded pixels (default: 40)",
+    )
+    p.add_argument(
+        "--max-volume-mvox",
+        type=float,
+        default=256.0,
+        help="largest volume opened, in millions of decoded voxels (default: 256)",
+    )
+    p.add_argument(
+        "--max-request-mb", type=float, default=8.0, help="largest JSON request body (default: 8)"
+    )
     p.add_argument(
         "--cache-size", type=int, default=64, help="image embeddings kept in memory (per slice)"
     )
@@ -135,7 +163,13 @@ def main(args: argparse.Namespace) -> int:
     config = ServeConfig(
         roots=tuple(roots),
         output_dir=args.output,
+        upload_dir=args.upload_dir,
         max_upload_mb=args.max_upload_mb,
+        max_uploads=args.max_uploads,
+        max_upload_total_mb=args.max_upload_total_mb,
+        max_image_mpix=args.max_image_mpix,
+        max_volume_mvox=args.max_volume_mvox,
+        max_request_mb=args.max_request_mb,
         embedding_cache=args.cache_size,
     )
     for r in roots:

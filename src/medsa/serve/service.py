@@ -3,58 +3,50 @@
 Thread model: FastAPI runs the (synchronous) endpoints in a thread pool, so every method here may be
 called concurrently.
 
-- Loaded images live in a small LRU (:class:`ImageStore`); loading one file twice at the same time
-  is coalesced ("single flight") so it is read once.
+- Loaded images live in a small LRU (:class:`medsa.serve.images.ImageStore`); loading one file twice
+  at the same time is coalesced ("single flight") so it is read once.
 - Image embeddings are cached per ``(image id, slice)`` in :class:`EmbeddingCache`, also single
   flight: concurrent requests for a slice that is not cached yet wait for the one encoder pass.
 - All model calls (encoder and decoder) hold one lock: CPU inference gains nothing from running two
   forward passes at once, and it keeps peak memory at one pass.
+
+Other concerns live in their own modules: uploads and their caps (:mod:`.uploads`), decoded-size
+limits and images (:mod:`.images`), the output folder and label maps (:mod:`.outputs`), mask
+feedback tokens (:mod:`.feedback`), the mask codec (:mod:`.rle`).
 """
 
 from __future__ import annotations
 
-import hashlib
-import shutil
-import tempfile
 import threading
 import time
-import uuid
-from collections import OrderedDict
-from collections.abc import Callable
-from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Generic, TypeVar
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from medsa.errors import DataError, MedsaError, PromptError
 
-from .paths import IMAGE_SUFFIXES, AccessDenied, NotFound, RootSet, image_suffix, safe_output_name
+from .feedback import LogitStore
+from .images import ImageLimits, ImageStore, LoadedImage, SingleFlightLRU
+from .jobs import Job, JobManager
+from .outputs import LabelledObject, OutputFolder, label_map, sidecar_name
+from .paths import AccessDenied, NotFound, RootSet, image_suffix
+from .propagation import (
+    PropagationOutput,
+    PropagatorCache,
+    cached_features,
+    check_keys,
+    run_propagation,
+)
+from .uploads import UploadError, UploadStore
 
 if TYPE_CHECKING:
     import torch
 
-    from medsa.data.io import Image
     from medsa.sam.sam import Sam
 
-__all__ = [
-    "EmbeddingCache",
-    "ImageStore",
-    "LoadedImage",
-    "SegmentationService",
-    "ServeConfig",
-    "UploadError",
-    "rle_decode",
-    "rle_encode",
-]
-
-K = TypeVar("K")
-V = TypeVar("V")
-
-
-class UploadError(MedsaError):
-    """An uploaded file is too large, of a refused type, or cannot be decoded (HTTP 400)."""
+__all__ = ["EmbeddingCache", "SegmentationService", "ServeConfig"]
 
 
 @dataclass
@@ -64,8 +56,13 @@ class ServeConfig:
     Args:
         roots: folders whose images may be browsed and opened (nothing else is readable).
         output_dir: where masks are saved (created if missing); nothing is written elsewhere.
-        upload_dir: where uploads are kept; ``None``: a temporary folder removed on shutdown.
-        max_upload_mb: largest accepted upload.
+        upload_dir: where the private upload folder is created; ``None``: the system temp folder.
+        max_upload_mb: largest accepted upload (file bytes).
+        max_uploads: uploads kept at most; the oldest is deleted to make room.
+        max_upload_total_mb: total size of the uploads kept at most.
+        max_image_mpix: largest 2D image opened, in millions of pixels (decoded ``H * W``).
+        max_volume_mvox: largest volume opened, in millions of voxels (decoded ``D * H * W``).
+        max_request_mb: largest JSON request body.
         embedding_cache: number of ``(image, slice)`` embeddings kept in memory.
         image_cache: number of decoded images / volumes kept in memory.
         max_points: most click prompts accepted in one request.
@@ -75,6 +72,11 @@ class ServeConfig:
     output_dir: Path
     upload_dir: Path | None = None
     max_upload_mb: float = 512.0
+    max_uploads: int = 8
+    max_upload_total_mb: float = 2048.0
+    max_image_mpix: float = 40.0
+    max_volume_mvox: float = 256.0
+    max_request_mb: float = 8.0
     embedding_cache: int = 64
     image_cache: int = 4
     max_points: int = 256
@@ -82,269 +84,19 @@ class ServeConfig:
     def __post_init__(self) -> None:
         self.roots = tuple(Path(r) for r in self.roots)
         self.output_dir = Path(self.output_dir)
-        if self.max_upload_mb <= 0:
-            raise MedsaError("max_upload_mb must be positive")
+        for key in ("max_upload_mb", "max_upload_total_mb", "max_image_mpix", "max_volume_mvox",
+                    "max_request_mb"):  # fmt: skip
+            v = getattr(self, key)
+            if not (isinstance(v, int | float) and np.isfinite(v) and v > 0):
+                raise MedsaError(f"{key} must be a positive number, got {v!r}")
+        if self.max_uploads < 1:
+            raise MedsaError("max_uploads must be >= 1")
         if self.embedding_cache < 1 or self.image_cache < 1:
             raise MedsaError("embedding_cache and image_cache must be >= 1")
 
-
-# --------------------------------------------------------------------------------------------
-# Single-flight LRU
-# --------------------------------------------------------------------------------------------
-
-
-class SingleFlightLRU(Generic[K, V]):
-    """LRU cache whose misses are computed once even when requested concurrently.
-
-    ``get(key, compute)`` returns the cached value, waits for a computation already in flight for
-    ``key``, or runs ``compute()`` itself (outside the cache lock). A failing ``compute`` raises in
-    every waiter and caches nothing.
-    """
-
-    def __init__(self, capacity: int) -> None:
-        self.capacity = capacity
-        self._data: OrderedDict[K, V] = OrderedDict()
-        self._inflight: dict[K, Future[V]] = {}
-        self._lock = threading.Lock()
-        self.hits = 0
-        self.misses = 0
-
-    def __contains__(self, key: K) -> bool:
-        with self._lock:
-            return key in self._data
-
-    def __len__(self) -> int:
-        with self._lock:
-            return len(self._data)
-
-    def get(self, key: K, compute: Callable[[], V]) -> tuple[V, bool]:
-        """Return ``(value, was_cached)``."""
-        with self._lock:
-            if key in self._data:
-                self._data.move_to_end(key)
-                self.hits += 1
-                return self._data[key], True
-            fut = self._inflight.get(key)
-            owner = fut is None
-            if owner:
-                fut = Future()
-                self._inflight[key] = fut
-                self.misses += 1
-            else:
-                self.hits += 1  # served by another request's computation
-        assert fut is not None
-        if not owner:
-            return fut.result(), True
-        try:
-            value = compute()
-        except BaseException as e:
-            with self._lock:
-                del self._inflight[key]
-            fut.set_exception(e)
-            raise
-        with self._lock:
-            self._data[key] = value
-            while len(self._data) > self.capacity:
-                self._data.popitem(last=False)
-            del self._inflight[key]
-        fut.set_result(value)
-        return value, False
-
-
-# --------------------------------------------------------------------------------------------
-# Images
-# --------------------------------------------------------------------------------------------
-
-
-@dataclass
-class LoadedImage:
-    """An opened image or volume, seen as a stack of 2D slices.
-
-    Attributes:
-        id: opaque id used by the browser (changes when the file changes).
-        name: file name shown in the page.
-        image: the :class:`medsa.data.io.Image` (array + geometry).
-        slices: ``(D, H, W)`` or ``(D, H, W, 3)``; ``D = 1`` for 2D images.
-        model_range: intensity range mapped to ``[0, 255]`` for the model (``None``: uint8 as is).
-        window: default display window ``(low, high)``.
-    """
-
-    id: str
-    name: str
-    image: Image
-    slices: np.ndarray
-    model_range: tuple[float, float] | None
-    window: tuple[float, float]
-    vmin: float
-    vmax: float
-
     @property
-    def is_3d(self) -> bool:
-        return bool(self.image.is_3d)
-
-    @property
-    def depth(self) -> int:
-        return int(self.slices.shape[0])
-
-    @property
-    def height(self) -> int:
-        return int(self.slices.shape[1])
-
-    @property
-    def width(self) -> int:
-        return int(self.slices.shape[2])
-
-    @property
-    def channels(self) -> int:
-        return 3 if self.slices.ndim == 4 else 1
-
-    def check_slice(self, z: int) -> int:
-        if not isinstance(z, int) or not 0 <= z < self.depth:
-            raise PromptError(
-                f"slice {z} is out of range: this image has slices 0..{self.depth - 1}"
-            )
-        return z
-
-    def model_input(self, z: int) -> np.ndarray:
-        """Slice ``z`` as ``(H, W)`` / ``(H, W, 3)`` uint8 for the model.
-
-        Non-uint8 data (CT, MRI, 16-bit) is clipped to the volume's 0.5-99.5 percentile range and
-        scaled to ``[0, 255]`` (MedSAM's preprocessing). This is independent of the display window,
-        so changing window/level never invalidates an embedding.
-        """
-        s = self.slices[self.check_slice(z)]
-        if self.model_range is None:
-            return np.ascontiguousarray(s)
-        lo, hi = self.model_range
-        out = (np.clip(s.astype(np.float32), lo, hi) - lo) * (255.0 / max(hi - lo, 1e-6))
-        return np.ascontiguousarray(np.round(out).astype(np.uint8))
-
-    def display_slice(self, z: int) -> tuple[bytes, str]:
-        """Raw little-endian bytes of slice ``z`` for the canvas: uint8 RGB or float32 gray."""
-        s = self.slices[self.check_slice(z)]
-        if self.channels == 3:
-            return np.ascontiguousarray(s, dtype=np.uint8).tobytes(), "uint8"
-        return np.ascontiguousarray(s, dtype="<f4").tobytes(), "float32"
-
-    def info(self) -> dict[str, Any]:
-        sp = self.image.spacing or ()
-        return {
-            "id": self.id,
-            "name": self.name,
-            "ndim": 3 if self.is_3d else 2,
-            "width": self.width,
-            "height": self.height,
-            "slices": self.depth,
-            "channels": self.channels,
-            "dtype": str(self.image.array.dtype),
-            "format": self.image.format,
-            "min": self.vmin,
-            "max": self.vmax,
-            "window": list(self.window),
-            "spacing": [float(x) for x in sp[-2:]],  # in-plane (sy, sx), for the aspect ratio
-            "save_name": default_save_name(self.name, self.is_3d, self.image.format),
-        }
-
-
-def default_save_name(name: str, is_3d: bool, fmt: str) -> str:
-    """``<stem>_mask.png`` for 2D; for 3D the input's format (NIfTI for DICOM/TIFF)."""
-    suf = image_suffix(name) or ""
-    stem = name[: len(name) - len(suf)] if suf else name
-    stem = "".join(c if (c.isascii() and c.isalnum()) or c in "._-" else "_" for c in stem)
-    stem = stem.lstrip("._-").replace("..", "_")[:150] or "image"
-    ext = ".png" if not is_3d else {"mha": ".mha", "nrrd": ".nrrd"}.get(fmt, ".nii.gz")
-    return f"{stem}_mask{ext}"
-
-
-def _to_slices(img: Image) -> np.ndarray:
-    """``(D, H, W)`` / ``(D, H, W, 3)`` view of a 2D image or 3D volume."""
-    a = img.array
-    if not img.is_3d:
-        if a.ndim == 3:
-            if a.shape[-1] == 4:
-                a = a[..., :3]
-            elif a.shape[-1] == 1:
-                a = a[..., 0]
-            elif a.shape[-1] != 3:
-                raise DataError(f"{img.path}: unsupported 2D image with {a.shape[-1]} channels")
-        return a[None]
-    if a.ndim == 4:  # (C, D, H, W): multi-channel volumes are shown channel 0 (e.g. T1 of BraTS)
-        a = a[0]
-    return a
-
-
-def _intensity_stats(slices: np.ndarray) -> tuple[float, float, tuple[float, float]]:
-    """``(min, max, (p0.5, p99.5))``, on a strided sample of large volumes."""
-    flat = slices.reshape(-1)
-    step = max(1, flat.size // 2_000_000)
-    sample = flat[::step].astype(np.float64)
-    finite = sample[np.isfinite(sample)]
-    if finite.size == 0:
-        raise DataError("image has no finite values")
-    lo, hi = np.percentile(finite, [0.5, 99.5])
-    vmin, vmax = float(finite.min()), float(finite.max())
-    if hi <= lo:
-        lo, hi = vmin, max(vmax, vmin + 1.0)
-    return vmin, vmax, (float(lo), float(hi))
-
-
-def load_image(path: Path, image_id: str, name: str) -> LoadedImage:
-    """Read ``path`` with :func:`medsa.data.io.read_image` and prepare it for the page."""
-    from medsa.data.io import read_image
-
-    img = read_image(path)
-    slices = _to_slices(img)
-    if slices.ndim not in (3, 4) or min(slices.shape[:3]) < 1:
-        raise DataError(f"{name}: unsupported image shape {img.array.shape}")
-    if slices.dtype == np.bool_:
-        slices = slices.astype(np.uint8) * 255
-    if not (np.issubdtype(slices.dtype, np.integer) or np.issubdtype(slices.dtype, np.floating)):
-        raise DataError(f"{name}: unsupported pixel type {slices.dtype}")
-    vmin, vmax, (plo, phi) = _intensity_stats(slices)
-    if slices.dtype == np.uint8:
-        model_range, window = None, (0.0, 255.0)
-    else:
-        if not np.isfinite(slices).all():
-            raise DataError(f"{name}: image contains NaN or infinite values")
-        model_range = window = (plo, phi)
-    return LoadedImage(image_id, name, img, slices, model_range, window, vmin, vmax)
-
-
-@dataclass
-class _Source:
-    path: Path
-    name: str
-
-
-class ImageStore:
-    """Maps opaque image ids to files and keeps the last few decoded images in memory."""
-
-    def __init__(self, capacity: int) -> None:
-        self._sources: dict[str, _Source] = {}
-        self._lock = threading.Lock()
-        self._cache: SingleFlightLRU[str, LoadedImage] = SingleFlightLRU(capacity)
-
-    def register(self, path: Path, name: str) -> str:
-        """Id of ``path``; it depends on the file's identity and mtime, so edits give a new id."""
-        st = path.stat()
-        key = f"{path}|{st.st_size}|{st.st_mtime_ns}|{st.st_ino}"
-        image_id = hashlib.blake2b(key.encode(), digest_size=12).hexdigest()
-        with self._lock:
-            self._sources[image_id] = _Source(path, name)
-        return image_id
-
-    def get(self, image_id: str) -> LoadedImage:
-        with self._lock:
-            src = self._sources.get(image_id) if isinstance(image_id, str) else None
-        if src is None:
-            raise NotFound(f"unknown image id {image_id!r}: open the image first")
-        img, _ = self._cache.get(image_id, lambda: load_image(src.path, image_id, src.name))
-        return img
-
-
-# --------------------------------------------------------------------------------------------
-# Embeddings and inference
-# --------------------------------------------------------------------------------------------
+    def image_limits(self) -> ImageLimits:
+        return ImageLimits(int(self.max_image_mpix * 1e6), int(self.max_volume_mvox * 1e6))
 
 
 @dataclass
@@ -357,15 +109,17 @@ class Embedding:
 
 
 class EmbeddingCache(SingleFlightLRU[tuple[str, int], Embedding]):
-    """LRU of :class:`Embedding` keyed by ``(image id, slice)``; see :class:`SingleFlightLRU`."""
+    """LRU of :class:`Embedding` keyed by ``(image id, slice)``; see ``SingleFlightLRU``."""
 
 
 @dataclass
 class Prediction:
     masks: np.ndarray  # (M, H, W) bool
     scores: np.ndarray  # (M,)
+    logits: np.ndarray  # (M, h, w) low-res logits
     cached: bool
     seconds: float
+    used_mask_input: bool = False
 
 
 @dataclass
@@ -380,23 +134,34 @@ class SegmentationService:
     encoder_calls: int = field(default=0, init=False)
 
     def __post_init__(self) -> None:
-        self.roots = RootSet.from_paths(list(self.config.roots))
-        self.images = ImageStore(self.config.image_cache)
-        self.embeddings = EmbeddingCache(self.config.embedding_cache)
-        self._model_lock = threading.Lock()
-        self.output_dir = self.config.output_dir.expanduser().resolve()
-        self.output_dir.mkdir(parents=True, exist_ok=True)
-        # Uploads go to a private temporary folder removed by close(), so uploaded scans do not
-        # linger on disk, unless an upload folder was configured explicitly.
-        self._own_upload_dir = self.config.upload_dir is None
-        up = self.config.upload_dir or tempfile.mkdtemp(prefix="medsa-uploads-")
-        self.upload_dir = Path(up).expanduser().resolve()
-        self.upload_dir.mkdir(parents=True, exist_ok=True)
+        cfg = self.config
+        self.roots = RootSet.from_paths(list(cfg.roots))
+        self.images = ImageStore(cfg.image_cache, cfg.image_limits)
+        self.embeddings = EmbeddingCache(cfg.embedding_cache)
+        self.logits = LogitStore()
+        self.model_lock = threading.Lock()
+        self.outputs = OutputFolder(cfg.output_dir, self.roots)
+        self.output_dir = self.outputs.folder
+        self.uploads = UploadStore(
+            cfg.upload_dir, cfg.max_uploads, int(cfg.max_upload_total_mb * 2**20)
+        )
+        self.upload_dir = self.uploads.folder
+        self.jobs = JobManager()
+        self.propagators = PropagatorCache(self.model)
 
     def close(self) -> None:
-        """Remove the temporary upload folder (if this service created it)."""
-        if self._own_upload_dir:
-            shutil.rmtree(self.upload_dir, ignore_errors=True)
+        """Stop background jobs, free propagators, remove the private upload folder."""
+        self.jobs.close()
+        self.propagators.close()
+        self.uploads.close()
+
+    def public_message(self, message: str) -> str:
+        """``message`` without absolute server paths (roots, output and upload folders)."""
+        subs = [(str(r), r.name or "root") for r in self.roots.roots]
+        subs += [(str(self.output_dir), "<output>"), (str(self.upload_dir), "<upload>")]
+        for path, shown in sorted(subs, key=lambda s: -len(s[0])):
+            message = message.replace(path, shown)
+        return message
 
     # ------------------------------------------------------------------ browsing
 
@@ -446,22 +211,20 @@ class SegmentationService:
         """Register an uploaded file already written to ``data_path`` (in the upload folder)."""
         image_id = self.images.register(data_path, filename)
         try:
-            return self.images.get(image_id)
+            img = self.images.get(image_id)
         except DataError as e:
-            data_path.unlink(missing_ok=True)
+            self.images.forget(data_path)
+            self.uploads.discard(data_path)
             raise UploadError(
-                f"{filename}: not a readable image ({_strip_path(str(e), data_path)})"
+                f"{filename}: not a readable image ({_strip_path(str(e), data_path, filename)})"
             ) from None
+        for old in self.uploads.keep(data_path):
+            self.images.forget(old)
+        return img
 
     def new_upload_path(self, filename: str) -> Path:
         """A fresh file path in the upload folder for ``filename`` (validated extension)."""
-        suf = image_suffix(filename or "")
-        if suf is None:
-            raise UploadError(
-                f"{filename!r}: unsupported file type; accepted: " + " ".join(IMAGE_SUFFIXES)
-            )
-        self.upload_dir.mkdir(parents=True, exist_ok=True)
-        return self.upload_dir / f"{uuid.uuid4().hex}{suf}"
+        return self.uploads.new_path(filename)
 
     # ------------------------------------------------------------------ inference
 
@@ -473,7 +236,7 @@ class SegmentationService:
         from medsa.sam.predictor import SamPredictor
 
         pred = SamPredictor(self.model, cache_size=0)
-        with self._model_lock:
+        with self.model_lock:
             pred.set_image(array)
             self.encoder_calls += 1
         assert pred.features is not None
@@ -519,21 +282,10 @@ class SegmentationService:
                 )
         return coords, labels, b
 
-    def predict(
-        self,
-        img: LoadedImage,
-        z: int,
-        points: list[tuple[float, float, int]],
-        box: list[float] | None,
-        multimask: bool,
-    ) -> Prediction:
-        """Masks ``(M, H, W)`` for the prompts on slice ``z`` (M = 3 with ``multimask``, else 1)."""
+    def predictor_for(self, emb: Embedding) -> Any:
+        """A ``SamPredictor`` whose image is ``emb`` (no encoder pass)."""
         from medsa.sam.predictor import SamPredictor
 
-        t0 = time.perf_counter()
-        img.check_slice(z)
-        coords, labels, b = self.validate_prompts(img, points, box)
-        emb, cached = self.embedding(img, z)
         pred = SamPredictor(self.model, cache_size=0)
         pred.features, pred.original_size, pred.input_size = (
             emb.features,
@@ -541,55 +293,97 @@ class SegmentationService:
             emb.input_size,
         )
         pred.is_image_set = True
-        with self._model_lock:
-            masks, scores, _ = pred.predict(
-                point_coords=coords, point_labels=labels, box=b, multimask_output=multimask
+        return pred
+
+    def predict(
+        self,
+        img: LoadedImage,
+        z: int,
+        points: list[tuple[float, float, int]],
+        box: list[float] | None,
+        multimask: bool,
+        mask_input: str | None = None,
+    ) -> Prediction:
+        """Masks ``(M, H, W)`` for the prompts on slice ``z`` (M = 3 with ``multimask``, else 1).
+
+        Args:
+            mask_input: token of an earlier prediction's mask (:class:`LogitStore`) on this slice;
+                its low-res logits go to the decoder as ``mask_input`` (SAM's interactive loop).
+                An evicted token is ignored (``used_mask_input`` is then False).
+        """
+        t0 = time.perf_counter()
+        img.check_slice(z)
+        coords, labels, b = self.validate_prompts(img, points, box)
+        prev = None
+        if mask_input is not None:
+            prev = self.logits.get(mask_input, img.id, z)
+        emb, cached = self.embedding(img, z)
+        pred = self.predictor_for(emb)
+        with self.model_lock:
+            masks, scores, low_res = pred.predict(
+                point_coords=coords,
+                point_labels=labels,
+                box=b,
+                mask_input=prev,
+                multimask_output=multimask,
             )
-        return Prediction(masks.astype(bool), scores, cached, time.perf_counter() - t0)
+        return Prediction(
+            masks.astype(bool), scores, low_res, cached, time.perf_counter() - t0, prev is not None
+        )
+
+    def propagate(self, img: LoadedImage, keys: dict[int, np.ndarray], direction: str) -> Job:
+        """Queue the propagation of one object from its key-slice masks; returns the job."""
+        check_keys(img, keys, direction)
+
+        def work(job: Job) -> PropagationOutput:
+            prop = self.propagators.get(img)
+            feats = cached_features(prop)
+            if feats is not None:  # slices already encoded for clicks are not encoded again
+                for z in range(img.depth):
+                    e = self.embeddings.peek((img.id, z))
+                    if e is not None and z not in feats:
+                        feats[z], prop._input_size = e.features, e.input_size
+            out = run_propagation(prop, keys, direction, job)
+            if feats is not None:  # the propagated slices are ready for correcting clicks
+                size = (img.height, img.width)
+                for z in out.masks:
+                    f = feats.get(z)
+                    if hasattr(f, "shape") and (img.id, z) not in self.embeddings:
+                        self.embeddings.put((img.id, z), Embedding(f, size, prop._input_size))
+            return out
+
+        return self.jobs.submit("propagate", img.id, work, self.public_message)
 
     # ------------------------------------------------------------------ saving
 
-    def output_path(self, name: str, img: LoadedImage) -> Path:
-        """Validated destination directly inside the output folder."""
-        name = safe_output_name(name)
-        suf = image_suffix(name)
-        allowed = (".png",) if not img.is_3d else (".nii.gz", ".nii", ".mha", ".nrrd")
-        if suf not in allowed:
-            raise UploadError(
-                f"{name}: a {'3D' if img.is_3d else '2D'} mask is saved as " + " / ".join(allowed)
-            )
-        dest = self.output_dir / name
-        if dest.is_symlink() or (dest.exists() and not dest.is_file()):
-            raise AccessDenied(f"{name}: exists and is not a regular file; choose another name")
-        if dest.resolve().parent != self.output_dir:
-            raise AccessDenied(f"{name}: would be written outside the output folder")
-        return dest
+    def save(
+        self,
+        img: LoadedImage,
+        objects: list[LabelledObject],
+        name: str | None,
+        overwrite: bool = False,
+    ) -> tuple[Path, Path]:
+        """Write the label map (input geometry; PNG for 2D) and its JSON sidecar, atomically.
 
-    def save(self, img: LoadedImage, masks: dict[int, np.ndarray], name: str | None) -> Path:
-        """Write the mask with the input's geometry (PNG for 2D; volume format for 3D), atomically.
-
-        Args:
-            masks: slice index -> bool ``(H, W)``; slices not given are background.
+        Returns:
+            ``(label map path, sidecar path)``.
         """
+        from dataclasses import replace
+
         from medsa.data.io import write_image
 
-        dest = self.output_path(name or img.info()["save_name"], img)
-        if img.is_3d:
-            vol = np.zeros((img.depth, img.height, img.width), dtype=bool)
-            for z, m in masks.items():
-                vol[img.check_slice(z)] = m
-            out = vol
-        else:
-            out = masks.get(0, np.zeros((img.height, img.width), dtype=bool))
+        dest = self.outputs.destination(name or img.info()["save_name"], img, overwrite)
+        out = label_map(img, objects)
+        self.outputs.check(sidecar_name(dest.name), img, overwrite)  # refuse before writing
         like = img.image
         if img.is_3d and like.array.ndim == 4:
             # The 4D header/affine of a multi-channel volume would describe 4 axes; keep the 3D
             # geometry only.
-            from dataclasses import replace
-
             like = replace(like, array=like.array[0], header=None)
         write_image(out, dest, like=like)
-        return dest
+        self.outputs.written(dest)
+        sidecar = self.outputs.write_sidecar(dest, img, objects, overwrite)
+        return dest, sidecar
 
     def stats(self) -> dict[str, Any]:
         return {
@@ -597,40 +391,11 @@ class SegmentationService:
             "embedding_cache": len(self.embeddings),
             "embedding_hits": self.embeddings.hits,
             "embedding_misses": self.embeddings.misses,
+            "uploads_kept": self.uploads.count,
+            "upload_bytes": self.uploads.total_bytes,
         }
 
 
-def _strip_path(message: str, path: Path) -> str:
+def _strip_path(message: str, path: Path, filename: str) -> str:
     """Do not show server-side upload paths in messages sent to the browser."""
-    return message.replace(str(path), "file").replace(path.name, "file")
-
-
-# --------------------------------------------------------------------------------------------
-# Mask transport: run-length encoding
-# --------------------------------------------------------------------------------------------
-
-
-def rle_encode(mask: np.ndarray) -> list[int]:
-    """Row-major run lengths of a binary mask, starting with a (possibly empty) background run."""
-    flat = np.asarray(mask, dtype=bool).ravel()
-    if flat.size == 0:
-        return []
-    change = np.flatnonzero(flat[1:] != flat[:-1]) + 1
-    bounds = np.concatenate([[0], change, [flat.size]])
-    runs = np.diff(bounds).tolist()
-    if flat[0]:
-        runs = [0, *runs]
-    return [int(r) for r in runs]
-
-
-def rle_decode(runs: list[int], shape: tuple[int, int]) -> np.ndarray:
-    """Inverse of :func:`rle_encode`; validates that the runs cover exactly ``shape``."""
-    n = int(np.prod(shape))
-    r = np.asarray(runs, dtype=np.int64)
-    if r.ndim != 1 or (r < 0).any() or int(r.sum()) != n:
-        raise PromptError(
-            f"mask encoding does not match the image: run lengths must be >= 0 and sum to {n}"
-        )
-    values = np.zeros(r.size, dtype=bool)
-    values[1::2] = True
-    return np.repeat(values, r).reshape(shape)
+    return message.replace(str(path), filename).replace(path.name, filename)

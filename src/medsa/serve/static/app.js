@@ -14,16 +14,28 @@
     multimask: $("multimask"), candidates: $("candidates"), maskInfo: $("mask-info"),
     preset: $("preset"), win: $("win"), lev: $("lev"), winVal: $("win-val"), levVal: $("lev-val"),
     opacity: $("opacity"), showMask: $("show-mask"), saveName: $("save-name"), save: $("save"),
-    download: $("download"), saveInfo: $("save-info"),
+    download: $("download"), saveInfo: $("save-info"), feedback: $("feedback"),
+    objects: $("objects"), objAdd: $("obj-add"), objDel: $("obj-del"), objName: $("obj-name"),
+    propBox: $("propagate-box"), propagate: $("propagate"), propDir: $("prop-dir"),
+    propCancel: $("prop-cancel"), propInfo: $("prop-info"),
   };
+  // one colour per object (label 1, 2, ... cycle through them)
+  const COLORS = [[255, 70, 70], [60, 200, 255], [255, 210, 60], [120, 230, 110], [220, 110, 255],
+    [255, 150, 50], [80, 120, 255], [255, 100, 190]];
 
   // ------------------------------------------------------------------ state
   const state = {
     info: null,          // image info from /api/open
     z: 0,                // current slice
     raw: new Map(),      // slice -> {data: Float32Array|Uint8Array, channels}
-    prompts: new Map(),  // slice -> [{type: "point", x, y, label} | {type: "box", x0, y0, x1, y1}]
-    results: new Map(),  // slice -> {masks: [{bits, score, area}], chosen}
+    // per object and slice, keyed "object:slice" (see key()):
+    prompts: new Map(),  // -> [{type: "point", x, y, label} | {type: "box", x0, y0, x1, y1}]
+    results: new Map(),  // -> {masks: [{bits, score, area, token}], chosen, propagated}
+    history: new Map(),  // -> tokens[k]: mask token after k + 1 prompts (previous-mask feedback)
+    objects: [],         // [{id, name, label}]; the label map value is the label
+    active: 1,           // id of the object that clicks edit
+    nextLabel: 1,
+    job: null,           // propagation job in progress
     window: [0, 255],    // display window [low, high]
     root: 0, path: "",   // browser position
     seq: 0,              // request counter: stale prediction responses are dropped
@@ -37,6 +49,10 @@
     ui.status.textContent = text;
     ui.status.className = kind;
   }
+
+  const key = (z, obj = state.active) => `${obj}:${z}`;
+  const activeObject = () => state.objects.find((o) => o.id === state.active);
+  const color = (o) => COLORS[(o.label - 1) % COLORS.length];
 
   async function api(path, opts = {}) {
     const init = { method: opts.method || "GET", headers: { "X-Medsa": "1" } };
@@ -53,7 +69,9 @@
     if (!res.ok) {
       let msg = `${res.status} ${res.statusText}`;
       try { msg = (await res.json()).error || msg; } catch (e) { /* not JSON */ }
-      throw new Error(msg);
+      const err = new Error(msg);
+      err.status = res.status;
+      throw err;
     }
     return opts.raw ? res : res.json();
   }
@@ -164,6 +182,9 @@
   // ------------------------------------------------------------------ image display
   async function showImage(info) {
     state.info = info; state.raw.clear(); state.prompts.clear(); state.results.clear();
+    state.history.clear(); state.objects = []; state.nextLabel = 1;
+    stopJob(true);
+    addObject();
     state.dirty = false;
     state.seq++;
     state.z = info.ndim === 3 ? Math.floor(info.slices / 2) : 0;
@@ -177,6 +198,7 @@
       (info.ndim === 3 ? ` × ${info.slices} slices` : "") + ` · ${info.dtype} · ${info.format}` +
       ` · spacing ${sp}`;
     ui.sliceBar.hidden = info.ndim !== 3;
+    ui.propBox.hidden = info.ndim !== 3;
     ui.slice.max = info.slices - 1; ui.slice.value = state.z;
     ui.saveName.value = info.save_name;
     ui.download.hidden = true; ui.saveInfo.textContent = "";
@@ -283,8 +305,8 @@
   }
 
   // ------------------------------------------------------------------ overlay: mask + prompts
-  function currentMask() {
-    const r = state.results.get(state.z);
+  function currentMask(obj = state.active, z = state.z) {
+    const r = state.results.get(key(z, obj));
     return r && r.masks[r.chosen];
   }
 
@@ -295,26 +317,32 @@
     const w = info.width, h = info.height;
     ctx.clearRect(0, 0, w, h);
     const m = currentMask();
-    let area = 0;
-    if (m) {
-      area = m.area;
-      if (ui.showMask.checked) {
-        const img = ctx.createImageData(w, h);
-        const a = Math.round(255 * Number(ui.opacity.value));
-        const d = img.data, bits = m.bits;
+    const area = m ? m.area : 0;
+    if (ui.showMask.checked) {
+      // every object of the slice, the active one on top and more opaque
+      const img = ctx.createImageData(w, h);
+      const d = img.data;
+      let any = false;
+      const order = state.objects.filter((o) => o.id !== state.active).concat(activeObject() || []);
+      for (const o of order) {
+        const om = currentMask(o.id);
+        if (!om) continue;
+        any = true;
+        const a = Math.round(255 * Number(ui.opacity.value) * (o.id === state.active ? 1 : 0.6));
+        const [cr, cg, cb] = color(o), bits = om.bits;
         for (let i = 0, j = 0; i < bits.length; i++, j += 4) {
-          if (bits[i]) { d[j] = 255; d[j + 1] = 70; d[j + 2] = 70; d[j + 3] = a; }
+          if (bits[i]) { d[j] = cr; d[j + 1] = cg; d[j + 2] = cb; d[j + 3] = a; }
         }
-        ctx.putImageData(img, 0, 0);
       }
+      if (any) ctx.putImageData(img, 0, 0);
     }
     ui.overlay.dataset.maskPixels = String(area);
-    ui.maskInfo.textContent = m ? `mask: ${area} px` + (m.score !== undefined ? ` · score ${m.score.toFixed(3)}` : "") : "mask: –";
+    ui.maskInfo.textContent = m ? `mask: ${area} px` + (m.score != null ? ` · score ${m.score.toFixed(3)}` : "") : "mask: –";
     // Prompt markers, sized relative to the displayed canvas so they look the same at any zoom.
     const px = w / Math.max(1, ui.overlay.getBoundingClientRect().width);
     const r = 5 * px;
     ctx.lineWidth = 2 * px;
-    for (const p of state.prompts.get(state.z) || []) {
+    for (const p of state.prompts.get(key(state.z)) || []) {
       if (p.type === "point") {
         ctx.beginPath(); ctx.arc(p.x, p.y, r, 0, 2 * Math.PI);
         ctx.fillStyle = p.label ? "#3ddc84" : "#ff5c5c"; ctx.fill();
@@ -332,7 +360,7 @@
 
   function updateCandidates() {
     ui.candidates.innerHTML = "";
-    const r = state.results.get(state.z);
+    const r = state.results.get(key(state.z));
     if (!r || r.masks.length < 2) return;
     r.masks.forEach((m, i) => {
       const b = document.createElement("button");
@@ -345,9 +373,12 @@
   }
 
   function chooseCandidate(i) {
-    const r = state.results.get(state.z);
+    const k = key(state.z), r = state.results.get(k);
     if (!r || i >= r.masks.length) return;
     r.chosen = i;
+    // the chosen candidate is the one fed back on the next click
+    const hist = state.history.get(k), n = (state.prompts.get(k) || []).length;
+    if (hist && n) hist[n - 1] = r.masks[i].token;
     drawOverlay(); updateCandidates();
   }
 
@@ -365,14 +396,17 @@
   }
 
   async function predictNow() {
-    const info = state.info, z = state.z;
-    const prompts = state.prompts.get(z) || [];
+    const info = state.info, z = state.z, k = key(z);
+    const prompts = state.prompts.get(k) || [];
     const seq = ++state.seq;
     if (!prompts.length) {
-      state.results.delete(z);
-      drawOverlay(); updateCandidates();
+      state.results.delete(k); state.history.delete(k);
+      drawOverlay(); updateCandidates(); renderObjects();
       return;
     }
+    // SAM's interactive loop: the mask shown before the latest prompt goes back to the decoder
+    const hist = state.history.get(k) || [];
+    const maskInput = ui.feedback.checked && prompts.length >= 2 ? hist[prompts.length - 2] || null : null;
     const points = prompts.filter((p) => p.type === "point").map((p) => [p.x, p.y, p.label]);
     const boxes = prompts.filter((p) => p.type === "box");
     const box = boxes.length ? boxes[boxes.length - 1] : null;  // SAM takes one box: the latest
@@ -381,32 +415,55 @@
     setStatus("segmenting …", "busy");
     const res = await api("/api/predict", {
       json: {
-        image: info.id, slice: z, points, multimask,
+        image: info.id, slice: z, points, multimask, mask_input: maskInput,
         box: box ? [box.x0, box.y0, box.x1, box.y1] : null,
       },
     });
     if (seq !== state.seq || state.info !== info) return;  // superseded by a newer prompt
     state.dirty = true;
     const n = info.width * info.height;
-    state.results.set(z, {
-      masks: res.masks.map((m) => ({ bits: rleDecode(m.rle, n), score: m.score, area: m.area })),
+    state.results.set(k, {
+      masks: res.masks.map((m) => ({ bits: rleDecode(m.rle, n), score: m.score, area: m.area, token: m.token })),
       chosen: res.best,
     });
+    hist.length = prompts.length - 1;
+    hist[prompts.length - 1] = res.masks[res.best].token;
+    state.history.set(k, hist);
+    document.body.dataset.maskInputUsed = String(res.mask_input_used);
     if (state.z === z) { drawOverlay(); updateCandidates(); }
-    setStatus(`mask updated in ${res.ms} ms` + (res.cached ? " (cached embedding)" : " (new embedding)"));
+    renderObjects();
+    setStatus(`mask updated in ${res.ms} ms` + (res.cached ? " (cached embedding)" : " (new embedding)") +
+      (res.mask_input_used ? " · previous mask fed back" : ""));
   }
 
   function addPrompt(p) {
     if (!state.info) return;
-    const list = state.prompts.get(state.z) || [];
+    const k = key(state.z);
+    const list = state.prompts.get(k) || [];
+    const prev = state.results.get(k);
+    if (!list.length && prev && prev.propagated && p.type === "point") {
+      // correcting a propagated slice: start from the box of its mask, then the click
+      const b = bbox(prev.masks[0].bits, state.info.width);
+      if (b) list.push({ type: "box", ...b });
+    }
     list.push(p);
-    state.prompts.set(state.z, list);
+    state.prompts.set(k, list);
     drawOverlay();
     predict().catch((e) => { list.splice(list.indexOf(p), 1); drawOverlay(); showError(e); });
   }
 
+  function bbox(bits, w) {
+    let x0 = Infinity, y0 = Infinity, x1 = -1, y1 = -1;
+    for (let i = 0; i < bits.length; i++) {
+      if (!bits[i]) continue;
+      const x = i % w, y = (i - x) / w;
+      if (x < x0) x0 = x; if (x > x1) x1 = x; if (y < y0) y0 = y; if (y > y1) y1 = y;
+    }
+    return x1 < 0 ? null : { x0, y0, x1: x1 + 1, y1: y1 + 1 };
+  }
+
   function undo() {
-    const list = state.prompts.get(state.z);
+    const list = state.prompts.get(key(state.z));
     if (!list || !list.length) return;
     list.pop();
     drawOverlay();
@@ -414,8 +471,9 @@
   }
 
   function clearSlice() {
-    state.prompts.delete(state.z); state.results.delete(state.z); state.seq++;
-    drawOverlay(); updateCandidates();
+    const k = key(state.z);
+    state.prompts.delete(k); state.results.delete(k); state.history.delete(k); state.seq++;
+    drawOverlay(); updateCandidates(); renderObjects();
     setStatus("cleared");
   }
 
@@ -458,23 +516,175 @@
   });
 
   // ------------------------------------------------------------------ save
+  function objectMasks(obj) {
+    const masks = {};
+    for (const [k, r] of state.results) {
+      const [o, z] = k.split(":").map(Number);
+      if (o === obj && r.masks[r.chosen].area > 0) masks[z] = rleEncode(r.masks[r.chosen].bits);
+    }
+    return masks;
+  }
+
   async function save() {
     const info = state.info;
     if (!info) return;
     await state.inflight;
-    const masks = {};
-    for (const [z, r] of state.results) masks[z] = rleEncode(r.masks[r.chosen].bits);
-    if (!Object.keys(masks).length) { setStatus("nothing to save yet: add a prompt first", "error"); return; }
+    const objects = state.objects.map((o) => ({ name: o.name, label: o.label, masks: objectMasks(o.id) }));
+    if (!objects.some((o) => Object.keys(o.masks).length)) {
+      setStatus("nothing to save yet: add a prompt first", "error"); return;
+    }
     setStatus("saving …", "busy");
-    const res = await api("/api/save", { json: { image: info.id, name: ui.saveName.value.trim() || null, masks } });
+    const body = { image: info.id, name: ui.saveName.value.trim() || null, objects };
+    let res;
+    try {
+      res = await api("/api/save", { json: body });
+    } catch (e) {
+      // 409: a file of that name exists that this session did not write; ask before replacing it
+      if (e.status !== 409 || !window.confirm(`${e.message}\n\nReplace it?`)) throw e;
+      res = await api("/api/save", { json: { ...body, overwrite: true } });
+    }
     ui.download.href = res.download; ui.download.download = res.name; ui.download.hidden = false;
-    ui.saveInfo.textContent = `saved ${res.path} (${res.foreground} px)`;
+    const px = Object.values(res.foreground).reduce((a, b) => a + b, 0);
+    ui.saveInfo.textContent = `saved ${res.path} + ${res.sidecar} (${objects.length} object(s), ${px} px)`;
     document.body.dataset.saved = res.name;
     state.dirty = false;
     setStatus(`saved ${res.name}`);
   }
 
+  // ------------------------------------------------------------------ objects
+  function addObject() {
+    if (state.nextLabel > 255) { setStatus("at most 255 objects per image", "error"); return; }
+    const label = state.nextLabel++;
+    state.objects.push({ id: label, label, name: `object ${label}` });
+    selectObject(label);
+  }
+
+  function selectObject(id) {
+    state.active = id;
+    state.seq++;  // a pending prediction belongs to the previous object
+    ui.objName.value = activeObject()?.name || "";
+    renderObjects(); drawOverlay(); updateCandidates();
+  }
+
+  function deleteObject() {
+    const o = activeObject();
+    if (!o) return;
+    const n = Object.keys(objectMasks(o.id)).length;
+    if (n && !window.confirm(`Delete ${o.name} and its masks on ${n} slice(s)?`)) return;
+    for (const m of [state.prompts, state.results, state.history]) {
+      for (const k of [...m.keys()]) if (k.startsWith(`${o.id}:`)) m.delete(k);
+    }
+    state.objects = state.objects.filter((x) => x !== o);
+    if (!state.objects.length) addObject();
+    else selectObject(state.objects[state.objects.length - 1].id);
+    state.dirty = true;
+  }
+
+  function renameObject() {
+    const o = activeObject(), name = ui.objName.value.trim();
+    if (!o || !name) return;
+    if (state.objects.some((x) => x !== o && x.name === name)) {
+      setStatus(`another object is already named ${name}`, "error");
+      ui.objName.value = o.name; return;
+    }
+    o.name = name; state.dirty = true; renderObjects();
+  }
+
+  function renderObjects() {
+    ui.objects.innerHTML = "";
+    for (const o of state.objects) {
+      const li = document.createElement("li");
+      const sw = document.createElement("span");
+      sw.className = "swatch"; sw.style.background = `rgb(${color(o).join(",")})`;
+      const n = Object.keys(objectMasks(o.id)).length;
+      li.append(sw, `${o.label}: ${o.name}` + (n ? ` (${n} slice${n > 1 ? "s" : ""})` : ""));
+      li.dataset.label = o.label;
+      if (o.id === state.active) li.classList.add("active");
+      li.onclick = () => selectObject(o.id);
+      ui.objects.appendChild(li);
+    }
+  }
+
+  // ------------------------------------------------------------------ propagation (volumes)
+  function stopJob(cancel = false) {
+    if (state.job) {
+      clearTimeout(state.job.timer);
+      // another image was opened: the server need not finish a propagation nobody will see
+      if (cancel) api(`/api/jobs/${state.job.id}/cancel`, { json: {} }).catch(() => {});
+      state.job = null;
+    }
+    ui.propagate.disabled = false; ui.propCancel.hidden = true;
+    document.body.dataset.propagating = "0";
+  }
+
+  async function propagate() {
+    const info = state.info, obj = state.active;
+    if (!info || info.ndim !== 3 || state.job) return;
+    await state.inflight;
+    // key slices: where the user prompted this object (propagated slices are not keys)
+    const keys = {};
+    for (const [k, list] of state.prompts) {
+      const [o, z] = k.split(":").map(Number);
+      const r = state.results.get(k);
+      if (o === obj && list.length && r && r.masks[r.chosen].area > 0) keys[z] = rleEncode(r.masks[r.chosen].bits);
+    }
+    if (!Object.keys(keys).length) { setStatus("segment the object on one slice first, then propagate", "error"); return; }
+    const job = await api("/api/propagate", { json: { image: info.id, keys, direction: ui.propDir.value } });
+    state.job = { id: job.job, timer: null };
+    ui.propagate.disabled = true; ui.propCancel.hidden = false;
+    document.body.dataset.propagating = "1";
+    const poll = async () => {
+      if (!state.job || state.job.id !== job.job) return;
+      let st;
+      try { st = await api(`/api/jobs/${job.job}`); } catch (e) { stopJob(); showError(e); return; }
+      if (state.info !== info) { stopJob(); return; }
+      if (st.state === "queued" || st.state === "running") {
+        ui.propInfo.textContent = `${st.done} / ${st.total || "?"} slices`;
+        setStatus(`propagating ${activeName(obj)} … ${st.done} / ${st.total || "?"}`, "busy");
+        state.job.timer = setTimeout(poll, 400);
+        return;
+      }
+      stopJob();
+      document.body.dataset.propagating = "0";
+      if (st.state !== "done") { setStatus(`propagation ${st.state}${st.error ? ": " + st.error : ""}`, st.error ? "error" : ""); return; }
+      applyPropagation(obj, st);
+    };
+    state.job.timer = setTimeout(poll, 200);
+  }
+
+  const activeName = (id) => state.objects.find((o) => o.id === id)?.name || "object";
+
+  function applyPropagation(obj, st) {
+    const info = state.info, n = info.width * info.height;
+    // replace earlier propagated masks of this object; slices the user prompted stay as they are
+    for (const [k, r] of [...state.results]) {
+      if (r.propagated && k.startsWith(`${obj}:`)) state.results.delete(k);
+    }
+    let count = 0;
+    for (const [zs, runs] of Object.entries(st.masks)) {
+      const k = key(Number(zs), obj);
+      if ((state.prompts.get(k) || []).length) continue;
+      const bits = rleDecode(runs, n);
+      let area = 0; for (let i = 0; i < bits.length; i++) area += bits[i];
+      state.results.set(k, { masks: [{ bits, score: st.scores[zs], area, token: null }], chosen: 0, propagated: true });
+      count++;
+    }
+    state.dirty = true;
+    document.body.dataset.propagated = String(count);
+    const range = st.z_range ? ` (slices ${st.z_range[0] + 1}–${st.z_range[1] + 1})` : "";
+    ui.propInfo.textContent = `${count} slices added${range}`;
+    setStatus(`propagated ${activeName(obj)} to ${count} more slices in ${st.seconds} s${range}`);
+    drawOverlay(); updateCandidates(); renderObjects();
+  }
+
   // ------------------------------------------------------------------ controls
+  ui.objAdd.onclick = addObject;
+  ui.objDel.onclick = deleteObject;
+  ui.objName.onchange = renameObject;
+  ui.propagate.onclick = () => propagate().catch((e) => { stopJob(); showError(e); });
+  ui.propCancel.onclick = () => {
+    if (state.job) api(`/api/jobs/${state.job.id}/cancel`, { json: {} }).catch(showError);
+  };
   ui.rootSelect.onchange = () => browse(Number(ui.rootSelect.value), "").catch(showError);
   ui.upload.onchange = () => { if (ui.upload.files[0]) uploadFile(ui.upload.files[0]).catch(showError); ui.upload.value = ""; };
   ui.slice.oninput = () => gotoSlice(Number(ui.slice.value)).catch(showError);
@@ -508,6 +718,8 @@
     else if (k === "escape" || k === "c") clearSlice();
     else if (k === "s") save().catch(showError);
     else if (k === "o") { ui.showMask.checked = !ui.showMask.checked; drawOverlay(); }
+    else if (k === "n") addObject();
+    else if (k === "p") propagate().catch((e) => { stopJob(); showError(e); });
     else if (k === "m") {
       ui.multimask.selectedIndex = (ui.multimask.selectedIndex + 1) % ui.multimask.options.length;
       predict().catch(showError);

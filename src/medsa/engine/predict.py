@@ -10,8 +10,9 @@ Outputs (in ``--out``, mirroring sub-folders of a folder input): ``<name>_mask.<
 input's format, written with ``write_image(like=input)`` so spacing / origin / direction (and the
 NIfTI header) are preserved. JPEG/BMP inputs give PNG masks (lossless); DICOM inputs give
 ``.nii.gz``. One object: 0/255 for 2D rasters, 0/1 for volumes; several objects: labels 1..K.
-``--overlay`` adds ``<name>_overlay.png``. A failing file is reported and skipped; the exit code
-is 1 if any file failed.
+``--overlay`` adds ``<name>_overlay.png``; ``--dicom-seg`` adds ``<name>_mask_seg.dcm`` for DICOM
+inputs (a DICOM Segmentation referencing the source series, :mod:`medsa.data.dicom_seg`). A
+failing file is reported and skipped; the exit code is 1 if any file failed.
 """
 
 from __future__ import annotations
@@ -370,11 +371,26 @@ def run_job(
     if labels.dtype == bool and is_3d:
         labels = labels.astype(np.uint8)
     written = [write_image(labels, out_path, like=img)]
+    if getattr(args, "dicom_seg", False):
+        seg_path = out_path.parent / f"{job.rel.name}{args.suffix}_seg.dcm"
+        written += _dicom_seg(job, labels, seg_path, automatic=bool(args.auto or args.everything))
     if args.overlay:
         ov = args.out / job.rel.parent / f"{job.rel.name}_overlay.png"
         display = np.clip(x, 0, 255).astype(np.uint8)
         written.append(write_overlay(display, labels, ov, prompts_used, is_3d))
     return written
+
+
+def _dicom_seg(job: PredictJob, labels: np.ndarray, path: Path, automatic: bool) -> list[Path]:
+    """``--dicom-seg``: ``<name>_seg.dcm`` referencing the source series (DICOM inputs only)."""
+    from medsa.data.dicom_seg import write_dicom_seg
+
+    if image_format(job.path) != "dicom":
+        print(f"medsa predict: note: {job.path} is not DICOM, no DICOM-SEG", file=sys.stderr)
+        return []
+    names = {k: f"object {k}" for k in range(1, max(1, int(labels.max())) + 1)}
+    kind = "AUTOMATIC" if automatic else "SEMIAUTOMATIC"
+    return [write_dicom_seg(labels, job.path, names, path, algorithm_type=kind)]
 
 
 _COLORS = np.array(
@@ -496,6 +512,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--suffix", default="_mask", help="added to output names (default: _mask)")
     p.add_argument("--overlay", action="store_true", help="also write <name>_overlay.png")
+    p.add_argument(
+        "--dicom-seg",
+        action="store_true",
+        help="DICOM inputs: also write <name>_mask_seg.dcm, a DICOM-SEG referencing the source "
+        "series (needs highdicom)",
+    )
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
 
 

@@ -149,6 +149,7 @@ class MedsaWidget(QWidget):
         self.min_score.setRange(0.0, 1.0)
         self.min_score.setSingleStep(0.05)
         self.min_score.setValue(0.5)
+        self.min_score.setSpecialValueText("off")  # 0: only an empty / tiny mask ends the object
         self.min_score.setToolTip("propagation stops at a slice whose predicted IoU is lower")
         oform.addRow("stop below IoU", self.min_score)
         self.propagate_btn = QPushButton("Propagate through volume")
@@ -495,7 +496,7 @@ class MedsaWidget(QWidget):
             rng = res.z_range
             self._say(f"object {obj}: slices {rng[0]}..{rng[1]}" if rng else "object not found")
 
-        min_score = float(self.min_score.value())
+        min_score = float(self.min_score.value()) or -np.inf
         return self._run(
             "propagate",
             lambda progress: seg.propagate(keys, progress, min_score=min_score),

@@ -58,7 +58,7 @@ def test_widget_segments_propagates_and_saves_with_the_source_geometry(
     np.testing.assert_allclose(image.scale, SPACING, rtol=1e-6)  # physical scale = spacing
     assert image.metadata["medsa_source"].format == "nifti"
 
-    _, widget = viewer.window.add_plugin_dock_widget("medsa", "Segment (medsa)")
+    _, widget = viewer.window.add_plugin_dock_widget("medsa", "Segment")
     assert widget.image_layer is image
     assert widget.labels.data.shape == (8, 64, 80)
     np.testing.assert_allclose(widget.points.scale, SPACING, rtol=1e-6)
@@ -124,6 +124,9 @@ def test_widget_segments_propagates_and_saves_with_the_source_geometry(
     np.testing.assert_allclose(back.origin, src.origin, atol=1e-6)
     np.testing.assert_allclose(back.direction, src.direction, atol=1e-6)
 
+    viewer.window._qt_window.resize(1500, 900)
+    viewer.layers.selection.active = widget.labels
+    viewer.reset_view()
     shot = viewer.screenshot(str(tmp_path / "napari.png"), canvas_only=False, flash=False)
     assert shot.shape[0] > 300 and shot.shape[1] > 500
     if os.environ.get("MEDSA_DOCS_SCREENSHOT") == "1":

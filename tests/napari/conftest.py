@@ -33,18 +33,26 @@ def _start_xvfb() -> tuple[subprocess.Popen[bytes], str]:
         stderr=subprocess.DEVNULL,
     )
     os.close(w)
-    ready, _, _ = select.select([r], [], [], 30)
-    number = os.read(r, 64).decode().strip() if ready else ""
+    # read up to the newline: Xvfb dies if the pipe closes before it wrote the whole line
+    buf = b""
+    while not buf.endswith(b"\n") and select.select([r], [], [], 30)[0]:
+        chunk = os.read(r, 64)
+        if not chunk:
+            break
+        buf += chunk
     os.close(r)
+    number = buf.decode().strip()
     if not number:
         proc.kill()
         raise RuntimeError("Xvfb did not start")
     return proc, f":{number}"
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="session", autouse=True)
 def display() -> Iterator[str]:
-    """A display for Qt: the existing ``$DISPLAY`` or a private Xvfb for this session."""
+    """A display for Qt: the existing ``$DISPLAY`` or a private Xvfb for this session.
+
+    autouse, so it is set up before pytest-qt's session ``qapp`` creates the QApplication."""
     if os.environ.get("DISPLAY") and os.environ.get("QT_QPA_PLATFORM", "xcb") == "xcb":
         yield os.environ["DISPLAY"]
         return
@@ -76,6 +84,7 @@ def medsa_plugin(display: str) -> str:
     import npe2
 
     pm = npe2.PluginManager.instance()
+    pm.discover()  # an installed medsa (pip install -e) registers itself through its entry point
     if "medsa" not in pm:
         pm.register(npe2.PluginManifest.from_file(MANIFEST))
     return "medsa"

@@ -24,14 +24,25 @@ pytest.importorskip("pytestqt", reason="napari tests need pytest-qt")
 MANIFEST = Path(__file__).resolve().parents[2] / "src" / "medsa" / "napari" / "napari.yaml"
 
 
+def _die_with_parent() -> None:
+    import ctypes
+    import signal
+
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
 def _start_xvfb() -> tuple[subprocess.Popen[bytes], str]:
     r, w = os.pipe()
+    # -terminate: the server exits when its last client (this process's QApplication) goes;
+    # PR_SET_PDEATHSIG: and with this process in any case, however pytest ends
     proc = subprocess.Popen(
-        ["Xvfb", "-displayfd", str(w), "-screen", "0", "1400x900x24", "-nolisten", "tcp"],
+        ["Xvfb", "-displayfd", str(w), "-screen", "0", "1400x900x24", "-nolisten", "tcp",
+         "-terminate"],
         pass_fds=(w,),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
-    )
+        preexec_fn=_die_with_parent,
+    )  # fmt: skip
     os.close(w)
     # read up to the newline: Xvfb dies if the pipe closes before it wrote the whole line
     buf = b""
@@ -60,22 +71,16 @@ def display() -> Iterator[str]:
         pytest.skip(
             "napari's canvas needs OpenGL: install xvfb (apt-get install xvfb) or a display"
         )
-    saved = {k: os.environ.get(k) for k in ("DISPLAY", "QT_QPA_PLATFORM")}
     try:
         proc, disp = _start_xvfb()
     except (OSError, RuntimeError) as e:
         pytest.skip(f"cannot start Xvfb for the napari tests: {e}")
     os.environ["DISPLAY"], os.environ["QT_QPA_PLATFORM"] = disp, "xcb"
-    try:
-        yield disp
-    finally:
-        proc.terminate()
-        proc.wait(10)
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+    yield disp
+    # Xvfb is NOT stopped here: the session's QApplication outlives this fixture, and Qt aborts the
+    # process when its X server vanishes under it (pytest would die before its summary). It ends
+    # with its last client (-terminate) or with this process (PR_SET_PDEATHSIG).
+    del proc
 
 
 @pytest.fixture(scope="session")

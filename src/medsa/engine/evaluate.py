@@ -36,6 +36,7 @@ from medsa.engine.inference import (
     segment_everything,
 )
 from medsa.engine.metrics import MetricConfig, compute_metrics
+from medsa.engine.volume_protocols import KEYSLICE_PROTOCOLS, keyslice_predictions
 from medsa.errors import CheckpointError, ConfigError, DataError, PromptError
 
 HELP = "Dice / IoU / HD95 / NSD of a model under the papers' prompt protocols"
@@ -81,9 +82,10 @@ class EvalConfig:
     def __post_init__(self) -> None:
         if not self.protocols:
             raise ConfigError("at least one protocol is needed")
-        bad = [p for p in self.protocols if p not in PROTOCOLS]
+        known = PROTOCOLS + KEYSLICE_PROTOCOLS
+        bad = [p for p in self.protocols if p not in known]
         if bad:
-            raise ConfigError(f"unknown protocol {bad[0]!r}; choose from {', '.join(PROTOCOLS)}")
+            raise ConfigError(f"unknown protocol {bad[0]!r}; choose from {', '.join(known)}")
         if len(set(self.protocols)) != len(self.protocols):
             raise ConfigError(f"protocols are repeated: {', '.join(self.protocols)}")
         if not self.seeds:
@@ -299,10 +301,13 @@ def _evaluate_case(
     spacing = _spacing(img, ref.ndim)
     slices = range(x.shape[0]) if is_3d else [None]
     encoder = ChunkEncoder(predictor, x, cfg.depth) if (is_3d and cfg.depth) else None
+    prop = _propagator(predictor, x, is_3d, cfg, gts)  # key-slice protocols (volume_protocols.py)
+    encoder = None if prop is not None else encoder
     combos = [(p, s, c) for p in cfg.protocols for s in cfg.seeds for c in classes]
     preds = {k: np.zeros(ref.shape, dtype=bool) for k in combos}
     rngs = {k: _rng(k[1], case.id, k[2], k[0]) for k in combos}
-    protocol_fns = {p: get_protocol(p) for p in cfg.protocols if p not in ("everything", "auto")}
+    per_slice = ("everything", "auto", *KEYSLICE_PROTOCOLS)
+    protocol_fns = {p: get_protocol(p) for p in cfg.protocols if p not in per_slice}
     model = getattr(predictor, "model", None)
     if "auto" in cfg.protocols and getattr(model, "masam_decoder", None) is None:
         raise ConfigError(
@@ -314,7 +319,7 @@ def _evaluate_case(
     }
     noc_rngs = {c: _rng(cfg.seeds[0], case.id, c, "noc") for c in classes}
 
-    prompted = [p for p in cfg.protocols if p not in ("everything", "auto")]
+    prompted = [p for p in cfg.protocols if p not in per_slice]
     failures: list[str] = []
     run_noc = cfg.noc_clicks > 0 and bool(prompted)
     class_ids = {c: int(ds.classes[c]) for c in classes}
@@ -326,7 +331,9 @@ def _evaluate_case(
         if not has_target and "auto" not in cfg.protocols:
             continue
         xz = x[z] if z is not None else x
-        if encoder is not None:
+        if prop is not None:
+            prop.activate(z)  # its (batched, cached) embedding also serves the propagation
+        elif encoder is not None:
             encoder.set_slice(z)  # depth-aware embedding of the chunk around z
         else:
             predictor.set_image(xz)
@@ -339,7 +346,7 @@ def _evaluate_case(
         for combo in combos:
             prot, seed, cls = combo
             m = gt2[cls]
-            if not m.any() or prot == "auto":
+            if not m.any() or prot == "auto" or prot in KEYSLICE_PROTOCOLS:
                 continue
             if prot == "everything":
                 everything.append(combo)
@@ -376,6 +383,9 @@ def _evaluate_case(
             auto = segment_everything(predictor, xz, intensity="none", **cfg.everything)
             for combo in everything:
                 _put(preds[combo], z, best_overlap_mask(auto, gt2[combo[2]]))
+    if prop is not None:
+        preds.update(keyslice_predictions(prop, combos, gts, rngs))
+        prop.close()
 
     rows = []
     for prot, seed, cls in combos:
@@ -407,6 +417,19 @@ def _evaluate_case(
 
         noc = {c: [dice(mk, gts[c]) for mk in noc_masks[c]] for c in classes if gts[c].any()}
     return rows, noc, store, failures
+
+
+def _propagator(predictor: Any, x: np.ndarray, is_3d: bool, cfg: EvalConfig, gts: Any) -> Any:
+    """A VolumePropagator of the case when key-slice protocols are asked (else None)."""
+    if not any(p in KEYSLICE_PROTOCOLS for p in cfg.protocols):
+        return None
+    if not is_3d:
+        raise ConfigError("the keyslice-* protocols need 3D data (volumes)")
+    from medsa.engine.propagate import VolumePropagator
+
+    prop = VolumePropagator(predictor, x, depth=cfg.depth, model_ready=True)
+    prop.embed(np.flatnonzero(np.any([g.reshape(len(g), -1).any(1) for g in gts.values()], 0)))
+    return prop
 
 
 def _put(volume: np.ndarray, z: int | None, mask: np.ndarray) -> None:
@@ -485,7 +508,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--protocols",
         default=",".join(DEFAULT_PROTOCOLS),
-        help="comma-separated: 1pt,3pt,bbox0.5,bbox0.75,everything (default: the first four)",
+        help="comma-separated: 1pt,3pt,bbox0.5,bbox0.75,box,everything (every target slice "
+        "prompted), keyslice-box,keyslice-3pt (3D: one key slice, propagated; docs/evaluation.md) "
+        "(default: the first four)",
     )
     p.add_argument(
         "--seeds", default="0", help="comma-separated prompt seeds, e.g. 0,1,2,3,4 (mean ± std)"

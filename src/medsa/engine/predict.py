@@ -334,6 +334,8 @@ def run_job(
     else:
         if job.entry is not None:
             prompts = parse_prompt_entry(job.entry, is_3d, job.path.name)
+        elif args.key_mask is not None:
+            prompts = {}  # the mask file holds the keys (below)
         elif cli is not None:
             if is_3d:
                 if not args.slice:
@@ -348,7 +350,11 @@ def run_job(
             raise PromptError(
                 "no prompt: give --point/--box, --prompts FILE, --everything or --auto"
             )
-        if is_3d:
+        if args.propagate or args.key_mask is not None:
+            if not is_3d or not isinstance(prompts, Mapping):
+                raise PromptError(f"{job.path}: --propagate / --key-mask apply to volumes")
+            masks = _propagate(predictor, img.array, prompts, args)
+        elif is_3d:
             if not isinstance(prompts, Mapping):
                 raise PromptError(f"{job.path} is a volume: prompts must be given per slice")
             masks, _ = segment_volume(
@@ -391,6 +397,36 @@ def _dicom_seg(job: PredictJob, labels: np.ndarray, path: Path, automatic: bool)
     names = {k: f"object {k}" for k in range(1, max(1, int(labels.max())) + 1)}
     kind = "AUTOMATIC" if automatic else "SEMIAUTOMATIC"
     return [write_dicom_seg(labels, job.path, names, path, algorithm_type=kind)]
+
+
+def _propagate(
+    predictor: Any, volume: np.ndarray, prompts: Mapping[int, Any], args: argparse.Namespace
+) -> np.ndarray:
+    """``--propagate``: the key slices of every object (prompts, ``--key-mask``) -> ``(K, D, H, W)``."""
+    from medsa.data.io import read_image
+    from medsa.engine.propagate import object_keys, propagate_objects
+
+    labels = None
+    if args.key_mask is not None:
+        labels = np.asarray(read_image(args.key_mask).array)
+        d, h, w = volume.shape[-3:]
+        if labels.shape == (h, w):  # one 2D key mask: it belongs to --slice Z
+            if not args.slice or ":" in args.slice:
+                raise PromptError("a 2D --key-mask needs --slice Z (one slice)")
+            z = parse_slices(args.slice, d)[0]
+            labels = np.zeros((d, h, w), np.int64) + (np.arange(d) == z)[:, None, None] * labels
+        if labels.shape != (d, h, w) or not np.array_equal(labels, np.round(labels)):
+            raise PromptError(
+                f"--key-mask {args.key_mask}: expected integer labels of shape {(d, h, w)} "
+                f"or {(h, w)}, got {labels.dtype} {labels.shape}"
+            )
+        labels = labels.astype(np.int64)
+    objects = object_keys(prompts, labels)
+    kw = {"min_score": args.min_score} if args.min_score is not None else {}
+    masks, _ = propagate_objects(
+        predictor, volume, objects, intensity=args.intensity, depth=args.depth, **kw
+    )
+    return masks
 
 
 _COLORS = np.array(
@@ -481,6 +517,24 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="per-file prompts (see docs/evaluation.md); keys are file paths or names",
     )
     g.add_argument(
+        "--propagate",
+        action="store_true",
+        help="volumes: propagate the prompts of the key slice(s) (--slice, --prompts) to every "
+        "slice the object reaches (docs/propagation.md); one label per object",
+    )
+    g.add_argument(
+        "--key-mask",
+        type=Path,
+        metavar="FILE",
+        help="with --propagate: a mask as key, 2D (H, W) for --slice Z or a (D, H, W) label map "
+        "(label k = object k; every non-empty slice is a key)",
+    )
+    g.add_argument(
+        "--min-score",
+        type=float,
+        help="--propagate: predicted IoU below which the object ends (default: see docs)",
+    )
+    g.add_argument(
         "--everything", action="store_true", help="SAM automatic mode: label every object"
     )
     g.add_argument(
@@ -532,18 +586,23 @@ def main(args: argparse.Namespace) -> int:
             args.prompts is not None,
             bool(args.everything),
             bool(args.auto),
+            args.key_mask is not None,
         ]
     )
     if n_modes == 0:
         raise PromptError("no prompt: give --point/--box, --prompts FILE, --everything or --auto")
     if n_modes > 1:
-        raise PromptError("use only one of --point/--box, --prompts, --everything and --auto")
+        raise PromptError(
+            "use only one of --point/--box, --prompts, --key-mask, --everything and --auto"
+        )
     if args.depth is not None and args.depth < 1:
         raise ConfigError(f"--depth must be >= 1, got {args.depth}")
     if args.points_per_side < 1:
         raise ConfigError(f"--points-per-side must be >= 1, got {args.points_per_side}")
-    if args.slice and not (args.point or args.box):
-        raise PromptError("--slice applies to --point/--box")
+    if args.propagate and (args.everything or args.auto):
+        raise PromptError("--propagate needs prompts (--point/--box with --slice, or --prompts)")
+    if args.slice and not (args.point or args.box or args.key_mask):
+        raise PromptError("--slice applies to --point/--box/--key-mask")
     if args.out.exists() and not args.out.is_dir():
         raise ConfigError(f"--out {args.out} exists and is not a folder")
     cli = cli_prompt(args.point, args.box)

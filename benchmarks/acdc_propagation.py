@@ -41,6 +41,7 @@ BOX_VARIANTS = [
     ("box,m0.1", "box", 0.1, 0.5),
     ("box+mask,s0", "box+mask", 0.0, 0.0),
     ("box+mask,s0.7", "box+mask", 0.0, 0.7),
+    ("box,s0", "box", 0.0, 0.0),
 ]
 PT_VARIANTS = [("box+mask", "box+mask", 0.0, 0.5), ("box", "box", 0.0, 0.5)]
 
@@ -58,6 +59,12 @@ def main() -> None:
     )
     ap.add_argument("--pt-variants", default=";".join(v[0] for v in PT_VARIANTS))
     ap.add_argument("--json", type=Path, default=None, help="rows + summary (after every case)")
+    ap.add_argument(
+        "--emb-cache",
+        type=Path,
+        default=None,
+        help="folder for the slice embeddings (a rerun with other variants skips the encoder)",
+    )
     args = ap.parse_args()
     box_variants = [v for v in BOX_VARIANTS if v[0] in args.box_variants.split(";")]
     pt_variants = [v for v in PT_VARIANTS if v[0] in args.pt_variants.split(";")]
@@ -77,9 +84,18 @@ def main() -> None:
             lab = read_image(args.data / "labelsTr" / f.name).array
             spacing = tuple(float(s) for s in img.spacing)
             prop = VolumePropagator(model, img.array, batch_size=8)
+            cache = args.emb_cache / f"{cid}.pt" if args.emb_cache else None
+            if cache is not None and cache.is_file():
+                saved = torch.load(cache)
+                prop._features.update(saved["features"])
+                prop._input_size = saved["input_size"]
             t0 = time.perf_counter()
             prop.embed(range(img.array.shape[0]))
             times["encode"] += time.perf_counter() - t0
+            if cache is not None and not cache.is_file():
+                cache.parent.mkdir(parents=True, exist_ok=True)
+                feats = {z: f.clone() for z, f in prop._features.items()}
+                torch.save({"features": feats, "input_size": prop._input_size}, cache)
             times["slices"] += img.array.shape[0]
 
             def add(prot, seed, cls, pred, gt, cid=cid, spacing=spacing) -> None:

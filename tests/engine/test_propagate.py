@@ -73,9 +73,14 @@ def test_one_box_reaches_the_object_ends(component):
     assert np.isfinite(res.scores[7:33]).all() and np.isnan(res.scores[:7]).all()
     assert np.isnan(res.scores[33:]).all()
     assert stub.n_set == 26  # slices beyond the object's ends were never looked at
-    # each next slice was prompted with the previous mask's box and its logits
-    assert all(p["box"] is not None and p["mask_input"] is not None for p in stub.prompts[1:])
+    # each next slice was prompted with the previous mask's box (default feed: box only)
+    assert all(p["box"] is not None and p["mask_input"] is None for p in stub.prompts[1:])
     assert seen[-1][0] == seen[-1][1] and all(a <= b for a, b in seen)
+    # feed="box+mask" also passes the previous low-res logits
+    stub = component()
+    res2 = propagate_volume(stub, vol, {15: Prompt(box=_box(target[15]))}, feed="box+mask")
+    np.testing.assert_array_equal(res2.masks, res.masks)
+    assert all(p["box"] is not None and p["mask_input"] is not None for p in stub.prompts[1:])
 
 
 def test_directions_and_stop_rules(component):

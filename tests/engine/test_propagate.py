@@ -261,7 +261,7 @@ def test_depth_chunks_with_sd_trans_adapter(component):
 @pytest.mark.realdata
 @pytest.mark.slow
 def test_litemedsam_acdc_propagation_realdata():
-    """One tight box on the largest slice of each ACDC class, propagated: volume Dice per class."""
+    """One tight box on the largest slice of the ACDC RV / LV, propagated: volume Dice, ends found."""
     case = DATA / "ACDC" / "imagesTr" / "patient001_frame01.nii.gz"
     if not case.is_file():
         pytest.skip("../shared/data/ACDC not available")
@@ -276,11 +276,15 @@ def test_litemedsam_acdc_propagation_realdata():
         pytest.skip(f"LiteMedSAM weights unavailable: {e}")
     img = read_image(case).array
     lab = read_image(str(case).replace("imagesTr", "labelsTr")).array
-    dice = {}
+    dice, reach = {}, {}
     with VolumePropagator(model, img) as prop:
-        for c in (1, 2, 3):
+        for c in (1, 3):  # RV, LV (zero-shot boxes on the myocardium ring give the cavity)
             t = lab == c
             zk = int(t.reshape(len(t), -1).sum(1).argmax())
             res = prop.propagate({zk: Prompt(box=tight_box(t[zk]))})
             dice[c] = _dice(res.masks, t)
-    assert dice[3] > 0.8 and dice[1] > 0.6 and dice[2] > 0.5, dice
+            zs = np.flatnonzero(t.reshape(len(t), -1).any(1))
+            reach[c] = (res.z_range, (int(zs[0]), int(zs[-1])))
+    assert dice[3] > 0.9 and dice[1] > 0.75, dice
+    (z0, z1), (g0, g1) = reach[3]
+    assert abs(z0 - g0) <= 1 and abs(z1 - g1) <= 1, reach  # the LV's ends were found

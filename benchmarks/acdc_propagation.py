@@ -46,8 +46,39 @@ BOX_VARIANTS = [
 PT_VARIANTS = [("box+mask", "box+mask", 0.0, 0.5), ("box", "box", 0.0, 0.5)]
 
 
+def report(rows: list[dict]) -> str:
+    """Per-class table: Dice / IoU (%), HD95 (mm; voxels if the spacing is unknown), NSD (%), each
+    ``mean ± std`` over seeds (of the per-seed means over cases), and keyslice / slice Dice ratios."""
+    summary = summarize(rows)
+    lines = [
+        "| protocol | class | Dice | IoU | HD95 | NSD |",
+        "|---|---|---|---|---|---|",
+    ]
+    for prot, s in summary.items():
+        for cls in CLASSES.values():
+            if cls not in s["classes"]:
+                continue
+            m = s["classes"][cls]
+            pct = [f"{100 * m[k]['mean']:.1f} ± {100 * m[k]['std']:.1f}" for k in ("dice", "iou")]
+            hd = f"{m['hd95']['mean']:.2f} ± {m['hd95']['std']:.2f}"
+            nsd = f"{100 * m['nsd']['mean']:.1f} ± {100 * m['nsd']['std']:.1f}"
+            lines.append(f"| {prot} | {cls} | {pct[0]} | {pct[1]} | {hd} | {nsd} |")
+    lines.append("")
+    for prot in summary:
+        base = "slice-" + prot.split("-", 1)[1].split("[")[0]
+        if prot.startswith("keyslice") and base in summary:
+            ratios = []
+            for cls in CLASSES.values():
+                k = summary[prot]["classes"][cls]["dice"]["mean"]
+                b = summary[base]["classes"][cls]["dice"]["mean"]
+                ratios.append(f"{cls} {100 * k / b:.0f} %" if b > 0 else f"{cls} n/a")
+            lines.append(f"- {prot} / {base} Dice: " + ", ".join(ratios))
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--report", type=Path, default=None, help="only print the tables of a --json")
     ap.add_argument("--data", type=Path, default=Path("../shared/data/ACDC"))
     ap.add_argument("--cases", type=int, default=6, help="evenly spaced subset of the volumes")
     ap.add_argument("--seeds", default="0,1,2")
@@ -66,6 +97,11 @@ def main() -> None:
         help="folder for the slice embeddings (a rerun with other variants skips the encoder)",
     )
     args = ap.parse_args()
+    if args.report is not None:
+        saved = json.loads(args.report.read_text())
+        print(report(saved["rows"]))
+        print(f"timing: {json.dumps({k: round(v, 2) for k, v in saved['times'].items()})}")
+        return
     box_variants = [v for v in BOX_VARIANTS if v[0] in args.box_variants.split(";")]
     pt_variants = [v for v in PT_VARIANTS if v[0] in args.pt_variants.split(";")]
     torch.set_num_threads(args.threads)
@@ -145,6 +181,7 @@ def main() -> None:
             if args.json:  # partial results survive an interrupted run
                 args.json.write_text(json.dumps({"rows": rows, "times": times}, indent=1))
     summary = summarize(rows)
+    print(report(rows))
     print(f"\n{len(files)} cases: {', '.join(f.name[:-7] for f in files)}")
     print(f"timing: {json.dumps({k: round(v, 2) for k, v in times.items()})}")
     print(

@@ -132,3 +132,32 @@ def test_widget_segments_propagates_and_saves_with_the_source_geometry(
     if os.environ.get("MEDSA_DOCS_SCREENSHOT") == "1":
         DOCS_PNG.parent.mkdir(parents=True, exist_ok=True)
         viewer.screenshot(str(DOCS_PNG), canvas_only=False, flash=False)
+
+
+def test_widget_on_a_2d_image_and_napari_save_through_the_plugin_writer(
+    viewer, qtbot, tmp_path: Path, one_thread
+):
+    import napari
+    import torch
+
+    from medsa.sam import build_sam
+
+    rng = np.random.default_rng(1)
+    rgb = (rng.random((48, 64, 3)) * 60).astype(np.uint8)
+    rgb[10:30, 20:50] += 150
+    path = write_image(rgb, tmp_path / "photo.png")
+    [image] = viewer.open(str(path), plugin="medsa")
+    assert image.rgb
+    _, widget = viewer.window.add_plugin_dock_widget("medsa", "Segment")
+    assert widget.labels.data.shape == (48, 64) and not widget.propagate_btn.isEnabled()
+    torch.manual_seed(0)
+    widget.set_model(build_sam("vit_tiny").eval())
+    box = np.array([[8, 18], [8, 52], [32, 52], [32, 18]], float)  # (row, col) vertices
+    _wait(qtbot, widget, "segment", lambda: widget.shapes.add_rectangles(box))
+    np.testing.assert_allclose(widget.prompts()[0].box, [18, 8, 52, 32])
+    assert widget.labels.data.any() and widget.segmenter.is_embedded(0)
+    # napari's own "save layer" goes through the plugin's writer (manifest 'writers')
+    out = tmp_path / "photo_mask.png"
+    written = napari.save_layers(str(out), [widget.labels], plugin="medsa")
+    assert [Path(w) for w in written] == [out]
+    np.testing.assert_array_equal(read_image(out).array, widget.labels.data)

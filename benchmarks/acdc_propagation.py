@@ -41,12 +41,44 @@ BOX_VARIANTS = [
     ("box,m0.1", "box", 0.1, 0.5),
     ("box+mask,s0", "box+mask", 0.0, 0.0),
     ("box+mask,s0.7", "box+mask", 0.0, 0.7),
+    ("box,s0", "box", 0.0, 0.0),
 ]
 PT_VARIANTS = [("box+mask", "box+mask", 0.0, 0.5), ("box", "box", 0.0, 0.5)]
 
 
+def report(rows: list[dict]) -> str:
+    """Per-class table: Dice / IoU (%), HD95 (mm; voxels if the spacing is unknown), NSD (%), each
+    ``mean ± std`` over seeds (of the per-seed means over cases), and keyslice / slice Dice ratios."""
+    summary = summarize(rows)
+    lines = [
+        "| protocol | class | Dice | IoU | HD95 | NSD |",
+        "|---|---|---|---|---|---|",
+    ]
+    for prot, s in summary.items():
+        for cls in CLASSES.values():
+            if cls not in s["classes"]:
+                continue
+            m = s["classes"][cls]
+            pct = [f"{100 * m[k]['mean']:.1f} ± {100 * m[k]['std']:.1f}" for k in ("dice", "iou")]
+            hd = f"{m['hd95']['mean']:.2f} ± {m['hd95']['std']:.2f}"
+            nsd = f"{100 * m['nsd']['mean']:.1f} ± {100 * m['nsd']['std']:.1f}"
+            lines.append(f"| {prot} | {cls} | {pct[0]} | {pct[1]} | {hd} | {nsd} |")
+    lines.append("")
+    for prot in summary:
+        base = "slice-" + prot.split("-", 1)[1].split("[")[0]
+        if prot.startswith("keyslice") and base in summary:
+            ratios = []
+            for cls in CLASSES.values():
+                k = summary[prot]["classes"][cls]["dice"]["mean"]
+                b = summary[base]["classes"][cls]["dice"]["mean"]
+                ratios.append(f"{cls} {100 * k / b:.0f} %" if b > 0 else f"{cls} n/a")
+            lines.append(f"- {prot} / {base} Dice: " + ", ".join(ratios))
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--report", type=Path, default=None, help="only print the tables of a --json")
     ap.add_argument("--data", type=Path, default=Path("../shared/data/ACDC"))
     ap.add_argument("--cases", type=int, default=6, help="evenly spaced subset of the volumes")
     ap.add_argument("--seeds", default="0,1,2")
@@ -58,7 +90,18 @@ def main() -> None:
     )
     ap.add_argument("--pt-variants", default=";".join(v[0] for v in PT_VARIANTS))
     ap.add_argument("--json", type=Path, default=None, help="rows + summary (after every case)")
+    ap.add_argument(
+        "--emb-cache",
+        type=Path,
+        default=None,
+        help="folder for the slice embeddings (a rerun with other variants skips the encoder)",
+    )
     args = ap.parse_args()
+    if args.report is not None:
+        saved = json.loads(args.report.read_text())
+        print(report(saved["rows"]))
+        print(f"timing: {json.dumps({k: round(v, 2) for k, v in saved['times'].items()})}")
+        return
     box_variants = [v for v in BOX_VARIANTS if v[0] in args.box_variants.split(";")]
     pt_variants = [v for v in PT_VARIANTS if v[0] in args.pt_variants.split(";")]
     torch.set_num_threads(args.threads)
@@ -77,9 +120,18 @@ def main() -> None:
             lab = read_image(args.data / "labelsTr" / f.name).array
             spacing = tuple(float(s) for s in img.spacing)
             prop = VolumePropagator(model, img.array, batch_size=8)
+            cache = args.emb_cache / f"{cid}.pt" if args.emb_cache else None
+            if cache is not None and cache.is_file():
+                saved = torch.load(cache)
+                prop._features.update(saved["features"])
+                prop._input_size = saved["input_size"]
             t0 = time.perf_counter()
             prop.embed(range(img.array.shape[0]))
             times["encode"] += time.perf_counter() - t0
+            if cache is not None and not cache.is_file():
+                cache.parent.mkdir(parents=True, exist_ok=True)
+                feats = {z: f.clone() for z, f in prop._features.items()}
+                torch.save({"features": feats, "input_size": prop._input_size}, cache)
             times["slices"] += img.array.shape[0]
 
             def add(prot, seed, cls, pred, gt, cid=cid, spacing=spacing) -> None:
@@ -129,6 +181,7 @@ def main() -> None:
             if args.json:  # partial results survive an interrupted run
                 args.json.write_text(json.dumps({"rows": rows, "times": times}, indent=1))
     summary = summarize(rows)
+    print(report(rows))
     print(f"\n{len(files)} cases: {', '.join(f.name[:-7] for f in files)}")
     print(f"timing: {json.dumps({k: round(v, 2) for k, v in times.items()})}")
     print(

@@ -36,6 +36,10 @@ def write_dicom_series() -> Callable[[Path, np.ndarray], Path]:
             for z in range(arr.shape[0]):
                 sl = vol[:, :, z]
                 sl.SetMetaData("0020|000e", "1.2.826.0.1.3680043.2.1125.1.1")  # series UID
+                # one study and frame of reference for the whole series, as a scanner writes
+                # (GDCM would invent a study per slice; DICOM-SEG needs them shared)
+                sl.SetMetaData("0020|000d", "1.2.826.0.1.3680043.2.1125.1.2")
+                sl.SetMetaData("0020|0052", "1.2.826.0.1.3680043.2.1125.1.3")
                 sl.SetMetaData(
                     "0020|0032", "\\".join(map(str, vol.TransformIndexToPhysicalPoint((0, 0, z))))
                 )

@@ -35,5 +35,6 @@ def test_bench_propagate(tmp_path: Path, capsys) -> None:
     }
     assert all(t > 0 for t in out["seconds"].values())
     assert 1 <= out["visited"] <= 4 and out["encoded_cold"] >= 1
-    assert "x encoder" in capsys.readouterr().out
+    assert "x encoder (CPU)" in capsys.readouterr().out
+    assert set(out["cpu_seconds"]) == set(out["seconds"])
     assert json.loads((tmp_path / "p.json").read_text())["seconds"]["encoder only"] > 0

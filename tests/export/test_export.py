@@ -174,3 +174,34 @@ def test_export_and_predict_cli(tmp_path: Path, capsys) -> None:
     capsys.readouterr()
     assert main(err_args) == 1
     assert "holds an export of 'vit_tiny'" in capsys.readouterr().err
+
+
+def test_serve_service_on_onnx_runtime(exported, tmp_path: Path) -> None:
+    """``medsa serve --runtime onnx``: the service's masks equal the PyTorch service's."""
+    from PIL import Image
+
+    from medsa.serve.service import SegmentationService, ServeConfig
+
+    model, out, _ = exported
+    img = np.zeros((40, 56, 3), np.uint8)
+    img[8:30, 12:44] = 210
+    (tmp_path / "root").mkdir()
+    Image.fromarray(img).save(tmp_path / "root" / "a.png")
+    masks = {}
+    for runtime in ("torch", "onnx"):
+        cfg = ServeConfig(
+            roots=(tmp_path / "root",),
+            output_dir=tmp_path / f"out_{runtime}",
+            runtime=runtime,
+            onnx_dir=out if runtime == "onnx" else None,
+        )
+        service = SegmentationService(model, cfg)
+        try:
+            loaded = service.open(0, "a.png")
+            pred = service.predict(loaded, 0, [(30.0, 20.0, 1)], [10.0, 6.0, 46.0, 32.0], True)
+        finally:
+            service.close()
+        assert pred.masks.shape == (3, 40, 56)
+        masks[runtime] = pred.masks
+    agree = (masks["torch"] == masks["onnx"]).mean()
+    assert agree >= 0.999, agree  # logits equal to 1e-5; a pixel may sit on the threshold

@@ -26,6 +26,7 @@ COMMANDS: dict[str, str] = {
     "params": "medsa.adapters.cli",
     "check-data": "medsa.data.check",
     "serve": "medsa.serve.cli",
+    "export": "medsa.export.cli",
 }
 
 #: one-line summaries, kept here so ``medsa --help`` imports nothing heavy
@@ -37,6 +38,7 @@ SUMMARIES: dict[str, str] = {
     "params": "print total / tunable parameter counts of a backbone + method",
     "check-data": "integrity check of a dataset folder (nnU-Net style report)",
     "serve": "local web page: click, box, see the mask, save",
+    "export": "ONNX export of the image encoder and prompt -> mask decoder (+ adapter)",
 }
 
 

@@ -123,3 +123,24 @@ def test_gpu_plan_arguments_parse() -> None:
     assert "encoder vit_b attention" in labels and "cost vit_h" in labels
     for _, module, argv in runs:
         module.build_parser().parse_args(argv)
+
+
+def test_bench_lite_medsam_tiny(tmp_path: Path) -> None:
+    """The LiteMedSAM benchmark on a tiny random TinyViT: every path agrees with the unfused
+    model, ONNX Runtime rows included (encoder and prompt -> mask)."""
+    pytest.importorskip("onnxruntime")
+    import bench_lite_medsam
+
+    args = ["--tiny", "--iters", "1", "--warmup", "0", "--threads", "1", "--prompt-iters", "1"]
+    out = bench_lite_medsam.main([*args, "--image-size", "48", "--json", str(tmp_path / "l.json")])
+    rows = {r["name"]: r for r in out["rows"]}
+    assert {"medsa | explicit | fp32", "medsa | auto | fp32", "ONNX Runtime | - | fp32"} <= set(
+        rows
+    )
+    assert rows["medsa | explicit | fp32"]["max_abs_diff"] == 0.0  # the baseline of --tiny
+    assert rows["medsa | auto | fp32"]["max_abs_diff"] < 1e-4
+    assert rows["ONNX Runtime | - | fp32"]["max_abs_diff"] < 1e-4
+    prompts = {r["name"]: r for r in out["prompt_rows"]}
+    assert prompts["ONNX Runtime | 1 box, 1 mask"]["max_abs_diff_vs_torch"] < 1e-4
+    assert prompts["PyTorch | 1 point, 3 masks"]["seconds"][0] > 0
+    assert "prompt -> mask" in json.dumps(json.loads((tmp_path / "l.json").read_text()))

@@ -96,18 +96,24 @@ def autocast_context(
 
 
 def set_attention_impl(model: nn.Module, impl: str) -> int:
-    """Switch every SAM ViT ``Attention`` in ``model`` to ``impl``; returns how many were changed.
+    """Switch every SAM ViT / TinyViT attention in ``model`` to ``impl``; returns how many changed.
 
     ``impl`` is one of :data:`medsa.sam.fast_attention.ATTENTION_IMPLS`. The weights are untouched.
+    For TinyViT (LiteMedSAM) ``"explicit"`` also turns off its other inference fast paths (BN
+    folding, channels-last): :meth:`medsa.sam.tiny_vit.TinyViT.set_attention_impl`.
     """
     from medsa.sam.fast_attention import ATTENTION_IMPLS
     from medsa.sam.image_encoder import Attention
+    from medsa.sam.tiny_vit import Attention as TinyAttention
+    from medsa.sam.tiny_vit import TinyViT
 
     if impl not in ATTENTION_IMPLS:
         raise ConfigError(f"attention_impl must be one of {ATTENTION_IMPLS}, got {impl!r}")
     n = 0
     for m in model.modules():
-        if isinstance(m, Attention):
+        if isinstance(m, TinyViT):
+            m.set_attention_impl(impl)
+        elif isinstance(m, (Attention, TinyAttention)):
             m.attention_impl = impl
             n += 1
     return n

@@ -45,6 +45,7 @@ from medsa.engine.inference import (
 from medsa.engine.model_loading import RANDOM_WEIGHTS_HELP
 from medsa.engine.outputs import check_writable_dir, refuse_existing
 from medsa.errors import ConfigError, MedsaError, PromptError
+from medsa.export.options import add_runtime_arguments
 
 HELP = "segment images, volumes and folders with point / box prompts, keeping their geometry"
 
@@ -676,6 +677,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "series (needs highdicom)",
     )
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
+    add_runtime_arguments(p)
 
 
 def main(args: argparse.Namespace) -> int:
@@ -734,10 +736,15 @@ def main(args: argparse.Namespace) -> int:
         "--out",
         args.overwrite,
     )
-    model = build_inference_model(
-        settings, resolve_device(args.device), random_weights=args.random_weights
-    )
-    predictor = as_predictor(model)
+    runtime = getattr(args, "runtime", "torch")
+    device = resolve_device("cpu" if runtime == "onnx" else args.device)
+    model = build_inference_model(settings, device, random_weights=args.random_weights)
+    if runtime == "torch":
+        predictor = as_predictor(model)
+    else:  # ONNX Runtime behind the same predictor interface (medsa.export.runtime)
+        from medsa.export.runtime import make_predictor
+
+        predictor = make_predictor(model, runtime, onnx_dir=args.onnx_dir)
     failed = len(errors)
     base = args.prompts.parent if args.prompts is not None else Path.cwd()
     import torch

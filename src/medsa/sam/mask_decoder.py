@@ -176,7 +176,10 @@ class MaskDecoder(nn.Module):
             return y.reshape(*x.shape[:-1], 4, -1)  # (..., 4 sub-pixels, Cout)
 
         x = deconv(src, up1)  # (B, h*w, 4, C/4)
-        x = _activation(act1, F.layer_norm(x, (x.shape[-1],), norm.weight, norm.bias, norm.eps))
+        # normalised shape from the weight (a plain int, so ONNX tracing keeps it static)
+        x = _activation(
+            act1, F.layer_norm(x, (norm.weight.numel(),), norm.weight, norm.bias, norm.eps)
+        )
         x = _activation(act2, deconv(x, up2))  # (B, h*w, 4, 4, C/8)
         masks = x.reshape(b, -1, x.shape[-1]) @ hyper_in.transpose(1, 2)  # (B, h*w*16, M)
         masks = masks.reshape(b, h, w, 2, 2, 2, 2, m)  # h, w, di, dj, ei, ej

@@ -7,6 +7,26 @@ checkpointing flags and per-layer LR-decay attributes are dropped; the attention
 every call instead of being cached in ``train()``; the final grid size is derived from the config
 instead of being hard-coded to 64x64; attention runs through ``scaled_dot_product_attention``.
 
+Inference fast paths (eval mode only; ``train()`` runs the plain Conv -> BatchNorm graph), all
+switched by the one ``attention_impl`` knob shared with the ViT (:meth:`TinyViT.set_attention_impl`,
+:func:`medsa.engine.perf.set_attention_impl`, ``build_sam("lite_medsam", attention_impl=...)``):
+
+* BatchNorm folded into the preceding convolution (:meth:`Conv2d_BN.folded`): the folded weight
+  and bias are recomputed from the current parameters on every eval call (a few thousand
+  multiply-adds on the weights instead of a normalisation pass over every activation), so there
+  is no cached copy to go stale after ``load_state_dict`` or an optimizer step;
+* channels-last activations for the convolutional stages (the token grids of the transformer
+  stages are already ``(B, H, W, C)`` in memory, so the local convolutions need no copies);
+* attention: ``"auto"`` / ``"sdpa_bias"`` / ``"sdpa_folded"``: fused SDPA with the learned bias as
+  ``attn_mask`` (TinyViT's bias is a full per-window table indexed by ``|dy|, |dx|``, not SAM's
+  decomposed one, so there is nothing to fold into q/k: ``"sdpa_folded"`` means ``"sdpa_bias"``
+  here); ``"flex"``: FlexAttention with the bias in a ``score_mod``; ``"explicit"``: the vendored
+  maths (logits + bias, softmax, @ v) *and* no BN folding / channels-last, i.e. the unfused
+  reference model.
+
+bf16 comes from the same autocast context as the ViT (:func:`medsa.engine.perf.autocast_context`);
+the BN folding is computed in fp32 whatever the weight dtype.
+
 Hook points (``None`` by default) on :class:`TinyViTBlock`, mirroring the ViT ``Block`` so Med-SA
 can adapt LiteMedSAM. Tokens are handed to hooks as ``(B, H, W, C)`` grids::
 
@@ -35,7 +55,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import ConfigError
 from .common import LayerNorm2d
+from .fast_attention import ATTENTION_IMPLS, _compiled_flex_attention
 from .image_encoder import window_partition, window_unpartition
 
 __all__ = ["LITE_MEDSAM_TINYVIT", "Attention", "TinyViT", "TinyViTBlock", "TinyViTConfig"]
@@ -58,6 +80,9 @@ class TinyViTConfig:
     # 320-channel last stage (``out_dim in (320, 448, 576)``), so 256 -> 128 -> 64 -> 64.
     merge_strides: tuple[int, ...] = (2, 2, 1)
     out_chans: int = 256
+    # Same knob as ViTConfig.attention_impl; "explicit" also turns off the BN folding and
+    # channels-last fast paths (module docstring).
+    attention_impl: str = "auto"
 
     def resolutions(self) -> list[int]:
         """Token grid side of every stage (the patch embedding keeps the input resolution)."""
@@ -81,11 +106,31 @@ class Conv2d_BN(nn.Sequential):  # noqa: N801 (name kept from TinyViT for recogn
     under ``train()``: it normalises with, and does not update, its running statistics. Adapter
     training freezes the backbone and calls ``model.train()``; without this the pretrained
     statistics would drift towards the fine-tuning batches.
+
+    In eval mode with ``fold = True`` (the default; :meth:`TinyViT.set_attention_impl` clears it
+    for ``"explicit"``) the BatchNorm is folded into the convolution: one ``conv2d`` with the
+    weight and bias of :meth:`folded` instead of a convolution and a normalisation pass.
     """
 
+    def folded(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Weight ``(C_out, C_in/groups, k, k)`` and bias ``(C_out,)`` of the equivalent conv.
+
+        ``bn(conv(x)) = conv(x; w * s) + (beta - mean * s)`` with ``s = gamma / sqrt(var + eps)``
+        (running statistics, i.e. eval-mode BN); computed in fp32, returned in the weight dtype.
+        """
+        c, bn = self.c, self.bn
+        scale = bn.weight.float() * torch.rsqrt(bn.running_var.float() + bn.eps)
+        w = c.weight.float() * scale[:, None, None, None]
+        b = bn.bias.float() - bn.running_mean.float() * scale
+        return w.to(c.weight.dtype), b.to(c.weight.dtype)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.c(x)
         bn = self.bn
+        if self.fold and not bn.training and bn.track_running_stats:
+            c = self.c
+            w, b = self.folded()
+            return F.conv2d(x, w, b, c.stride, c.padding, c.dilation, c.groups)
+        x = self.c(x)
         if bn.training and not bn.weight.requires_grad:
             return F.batch_norm(
                 x, bn.running_mean, bn.running_var, bn.weight, bn.bias, False, 0.0, bn.eps
@@ -108,6 +153,7 @@ class Conv2d_BN(nn.Sequential):  # noqa: N801 (name kept from TinyViT for recogn
         nn.init.constant_(bn.weight, bn_weight_init)
         nn.init.constant_(bn.bias, 0)
         self.add_module("bn", bn)
+        self.fold = True  # fold BN into the conv in eval mode (class docstring)
 
 
 class PatchEmbed(nn.Module):
@@ -201,10 +247,20 @@ class Attention(nn.Module):
 
     ``forward(x, use_rel_pos=True)`` takes ``(B, N, C)`` or ``(B, H, W, C)`` tokens; with
     ``use_rel_pos=False`` the positional bias is skipped, so any token count is accepted.
+    ``attention_impl`` (a plain attribute, one of
+    :data:`~medsa.sam.fast_attention.ATTENTION_IMPLS`) picks the kernel: module docstring.
     """
 
-    def __init__(self, dim: int, key_dim: int, num_heads: int, resolution: tuple[int, int]) -> None:
+    def __init__(
+        self,
+        dim: int,
+        key_dim: int,
+        num_heads: int,
+        resolution: tuple[int, int],
+        attention_impl: str = "auto",
+    ) -> None:
         super().__init__()
+        self.attention_impl = _check_impl(attention_impl)
         self.num_heads = num_heads
         self.key_dim = key_dim
         self.scale = key_dim**-0.5
@@ -245,12 +301,49 @@ class Attention(nn.Module):
             # (1, nH, N, N): a 4D mask lets CPU SDPA use its fused kernel (a 3D one falls back
             # to the ~5x slower math path).
             bias = self.attention_biases[:, self.attention_bias_idxs].to(q.dtype)[None]
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=self.scale)
+        out = self._attend(q, k, v, bias)
         out = out.transpose(1, 2).reshape(b, n, self.dh)
         y = self.proj(out)
         if self.proj_delta is not None:
             y = y + self.proj_delta(out)
         return y.reshape(*shape[:-1], y.shape[-1])
+
+    def _attend(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None
+    ) -> torch.Tensor:
+        """``(B, nH, N, d)`` q, k, v and a ``(1, nH, N, N)`` bias (or ``None``) -> ``(B, nH, N, d)``."""
+        impl = self.attention_impl
+        if impl == "explicit":  # the vendored TinyViT maths, the reference of the fused paths
+            attn = (q @ k.transpose(-2, -1)) * self.scale
+            if bias is not None:
+                attn = attn + bias
+            return attn.softmax(dim=-1) @ v
+        if impl == "flex" and bias is not None:
+            return _flex_bias_attention(q, k, v, bias[0], self.scale)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=self.scale)
+
+
+def _check_impl(impl: str) -> str:
+    if impl not in ATTENTION_IMPLS:
+        raise ConfigError(f"attention_impl must be one of {ATTENTION_IMPLS}, got {impl!r}")
+    return impl
+
+
+def _flex_bias_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """FlexAttention with a ``(nH, N, N)`` additive bias in the ``score_mod`` (inference only:
+    PyTorch has no FlexAttention backward on the CPU)."""
+    if q.device.type == "cpu" and torch.is_grad_enabled() and q.requires_grad:
+        raise ConfigError(
+            "attention_impl='flex' can only train on CUDA; use 'sdpa_bias' on the CPU, or run "
+            "under torch.no_grad()"
+        )
+
+    def score_mod(score, bi, hi, qi, ki):
+        return score + bias[hi, qi, ki]
+
+    return _compiled_flex_attention()(q, k, v, score_mod=score_mod, scale=scale)
 
 
 class TinyViTBlock(nn.Module):
@@ -264,13 +357,16 @@ class TinyViTBlock(nn.Module):
         window_size: int,
         mlp_ratio: float = 4.0,
         local_conv_size: int = 3,
+        attention_impl: str = "auto",
     ) -> None:
         super().__init__()
         self.dim = dim
         self.input_resolution = input_resolution
         self.window_size = window_size
         head_dim = dim // num_heads
-        self.attn = Attention(dim, head_dim, num_heads, resolution=(window_size, window_size))
+        self.attn = Attention(
+            dim, head_dim, num_heads, (window_size, window_size), attention_impl=attention_impl
+        )
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
         self.local_conv = Conv2d_BN(
             dim, dim, ks=local_conv_size, stride=1, pad=local_conv_size // 2, groups=dim
@@ -328,10 +424,19 @@ class BasicLayer(nn.Module):
         mlp_ratio: float,
         local_conv_size: int,
         downsample: nn.Module | None,
+        attention_impl: str = "auto",
     ) -> None:
         super().__init__()
         self.blocks = nn.ModuleList(
-            TinyViTBlock(dim, input_resolution, num_heads, window_size, mlp_ratio, local_conv_size)
+            TinyViTBlock(
+                dim,
+                input_resolution,
+                num_heads,
+                window_size,
+                mlp_ratio,
+                local_conv_size,
+                attention_impl=attention_impl,
+            )
             for _ in range(depth)
         )
         self.downsample = downsample
@@ -379,6 +484,7 @@ class TinyViT(nn.Module):
                     mlp_ratio=cfg.mlp_ratio,
                     local_conv_size=cfg.local_conv_size,
                     downsample=downsample,
+                    attention_impl=cfg.attention_impl,
                 )
             self.layers.append(layer)
         self.apply(self._init_weights)
@@ -388,6 +494,20 @@ class TinyViT(nn.Module):
             nn.Conv2d(cfg.out_chans, cfg.out_chans, kernel_size=3, padding=1, bias=False),
             LayerNorm2d(cfg.out_chans),
         )
+        self.set_attention_impl(cfg.attention_impl)
+
+    def set_attention_impl(self, impl: str) -> None:
+        """Switch the attention kernel of every block; ``"explicit"`` also switches off the BN
+        folding and channels-last (the unfused reference model), any other value switches them on.
+        """
+        _check_impl(impl)
+        self.attention_impl = impl
+        self.channels_last = impl != "explicit"
+        for m in self.modules():
+            if isinstance(m, Attention):
+                m.attention_impl = impl
+            elif isinstance(m, Conv2d_BN):
+                m.fold = impl != "explicit"
 
     @staticmethod
     def _init_weights(m: nn.Module) -> None:
@@ -413,6 +533,10 @@ class TinyViT(nn.Module):
             raise ValueError(
                 f"TinyViT expects {self.img_size}x{self.img_size} inputs, got {tuple(x.shape[-2:])}"
             )
+        if self.channels_last and not self.training:
+            # NHWC for the convolutional stages: oneDNN's native layout (no reorders around each
+            # conv), and the token grids that follow are NHWC in memory anyway.
+            x = x.contiguous(memory_format=torch.channels_last)
         x = self.patch_embed(x)
         for layer in self.layers:
             if self.grad_checkpointing and self.training and torch.is_grad_enabled():
@@ -421,4 +545,5 @@ class TinyViT(nn.Module):
                 x = layer(x, depth)
         b, _, c = x.shape
         r = self.embedding_size
-        return self.neck(x.view(b, r, r, c).permute(0, 3, 1, 2))
+        # contiguous(): callers get the usual NCHW layout whichever path ran
+        return self.neck(x.view(b, r, r, c).permute(0, 3, 1, 2)).contiguous()

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from medsa.engine.model_loading import RANDOM_WEIGHTS_HELP
 from medsa.errors import ConfigError, MedsaError
+from medsa.export.options import add_runtime_arguments
 
 HELP = "local web page: click, box, see the mask, save"
 
@@ -83,6 +84,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--cache-size", type=int, default=64, help="image embeddings kept in memory (per slice)"
     )
+    add_runtime_arguments(p)
     p.add_argument(
         "--allow-remote",
         action="store_true",
@@ -171,12 +173,16 @@ def main(args: argparse.Namespace) -> int:
         max_volume_mvox=args.max_volume_mvox,
         max_request_mb=args.max_request_mb,
         embedding_cache=args.cache_size,
+        runtime=args.runtime,
+        onnx_dir=args.onnx_dir,
     )
     for r in roots:
         if not Path(r).is_dir():
             raise ConfigError(f"--root {r}: not a folder")
     what = args.backbone or (f"adapter {args.adapter}" if args.adapter else "lite_medsam")
     print(f"loading {what} on {args.device} ({args.precision}) ...", flush=True)
+    if args.runtime == "onnx" and (args.device != "cpu" or args.precision != "fp32"):
+        raise ConfigError("--runtime onnx runs fp32 on the CPU: use --device cpu --precision fp32")
     model = build_model(
         args.backbone,
         args.checkpoint,

@@ -66,6 +66,8 @@ class ServeConfig:
         embedding_cache: number of ``(image, slice)`` embeddings kept in memory.
         image_cache: number of decoded images / volumes kept in memory.
         max_points: most click prompts accepted in one request.
+        runtime: ``"torch"`` or ``"onnx"`` (ONNX Runtime, :mod:`medsa.export.runtime`).
+        onnx_dir: with ``runtime="onnx"``: a ``medsa export`` folder (``None``: export now).
     """
 
     roots: tuple[Path, ...]
@@ -80,6 +82,8 @@ class ServeConfig:
     embedding_cache: int = 64
     image_cache: int = 4
     max_points: int = 256
+    runtime: str = "torch"
+    onnx_dir: Path | None = None
 
     def __post_init__(self) -> None:
         self.roots = tuple(Path(r) for r in self.roots)
@@ -148,6 +152,21 @@ class SegmentationService:
         self.upload_dir = self.uploads.folder
         self.jobs = JobManager()
         self.propagators = PropagatorCache(self.model)
+        self._onnx = None
+        if cfg.runtime != "torch":  # load (or export) the ONNX graphs once, up front
+            from medsa.export.runtime import make_predictor
+
+            self._onnx = make_predictor(self.model, cfg.runtime, onnx_dir=cfg.onnx_dir).sessions
+
+    def _predictor(self) -> Any:
+        """A cache-less predictor on the configured runtime (sessions shared)."""
+        if self._onnx is None:
+            from medsa.sam.predictor import SamPredictor
+
+            return SamPredictor(self.model, cache_size=0)
+        from medsa.export.runtime import OnnxPredictor
+
+        return OnnxPredictor(self.model, self._onnx, cache_size=0)
 
     def close(self) -> None:
         """Stop background jobs, free propagators, remove the private upload folder."""
@@ -233,9 +252,7 @@ class SegmentationService:
         return self.embeddings.get((img.id, z), lambda: self._embed(img.model_input(z)))
 
     def _embed(self, array: np.ndarray) -> Embedding:
-        from medsa.sam.predictor import SamPredictor
-
-        pred = SamPredictor(self.model, cache_size=0)
+        pred = self._predictor()
         with self.model_lock:
             pred.set_image(array)
             self.encoder_calls += 1
@@ -283,10 +300,8 @@ class SegmentationService:
         return coords, labels, b
 
     def predictor_for(self, emb: Embedding) -> Any:
-        """A ``SamPredictor`` whose image is ``emb`` (no encoder pass)."""
-        from medsa.sam.predictor import SamPredictor
-
-        pred = SamPredictor(self.model, cache_size=0)
+        """A predictor (configured runtime) whose image is ``emb`` (no encoder pass)."""
+        pred = self._predictor()
         pred.features, pred.original_size, pred.input_size = (
             emb.features,
             emb.original_size,

@@ -138,7 +138,14 @@ def _apply_medsa(model: nn.Module, cfg: MedSAConfig) -> None:
         # >= 2: HyP-Adpt's LayerNorm over a width-1 embedding would always output 0
         mid = cfg.decoder_rank or max(2, min(cfg.mid_dim(c), c // 4))
         blk.token_adapter = HyPAdapter(
-            c, mid, cfg.prompt_dim, cfg.prompt_conditioning, cfg.hyper_layers, n_out, cfg.activation
+            c,
+            mid,
+            cfg.prompt_dim,
+            cfg.prompt_conditioning,
+            cfg.hyper_layers,
+            n_out,
+            cfg.activation,
+            cfg.hyper_shapes,
         )
         blk.mlp_adapter = Adapter(c, mid, cfg.activation, scale=cfg.scale)
         blk.image_adapter = Adapter(c, mid, cfg.activation, scale=1.0)

@@ -126,6 +126,9 @@ class MedSAConfig:
     decoder_rank: int | None = None  #: None = rank, capped at the decoder width / 4
     prompt_dim: int = 32  #: width of the reduced prompt embedding e_prompt
     hyper_layers: int = 3  #: hyper-prompting layers (paper: 3)
+    #: HyP-Adpt weight shapes: "square" (r x r, then an up-projection) | "paper" (eq. 1: the
+    #: last generated weight is r x C); see medsa.adapters.modules.HyPAdapter
+    hyper_shapes: str = "square"
     train_mask_decoder: bool = False
     train_prompt_encoder: bool = False
 
@@ -153,6 +156,7 @@ class MedSAConfig:
             )
         _check_int("prompt_dim", self.prompt_dim)
         _check_int("hyper_layers", self.hyper_layers)
+        _check_choice("hyper_shapes", self.hyper_shapes, ("square", "paper"))
 
     def mid_dim(self, dim: int) -> int:
         """Bottleneck width for tokens of width ``dim``."""

@@ -1,0 +1,123 @@
+"""Med-SA maths written from the paper's formulas, independent of the adapter modules' forward.
+
+These tests use only the modules' *parameters* (weights and biases) and recompute every
+formula with plain tensor algebra, so that a wrong input, scale or wiring in the code under
+test makes them fail (each was checked by breaking the code once; see docs/adapters.md).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from medsa.adapters import MedSAConfig, apply_method, encoder_blocks
+from medsa.adapters.modules import HyPAdapter
+
+S_PAPER = 0.05  # paper Sec. 3.2 / Table 7c: the MLP-parallel adapter's scale
+
+
+def _bottleneck(x: torch.Tensor, down: torch.nn.Linear, up: torch.nn.Linear) -> torch.Tensor:
+    """``up(ReLU(down(x)))`` from the raw weights (paper Fig. 1b: down, ReLU, up)."""
+    h = torch.relu(x @ down.weight.T + down.bias)
+    return h @ up.weight.T + up.bias
+
+
+def test_medsa_block_output_is_the_papers_formula(tiny, randomize):
+    """``x + a + A(a) + mlp(n2) + s * A'(n2)`` with ``n2 = norm2(x + a + A(a))`` and s = 0.05."""
+    model = tiny()
+    cfg = MedSAConfig(rank=4)
+    assert cfg.scale == S_PAPER  # the default is the paper's s
+    apply_method(model, cfg)
+    randomize(model, std=0.2)
+    blk = encoder_blocks(model)[0]
+    g = torch.Generator().manual_seed(3)
+    c = blk.norm1.normalized_shape[0]
+    x = torch.randn(2, 8, 8, c, generator=g)
+    with torch.no_grad():
+        # frozen host pieces (SAM's own modules): attention of norm1(x), the MLP, the norms
+        a = blk.attend(F.layer_norm(x, (c,), blk.norm1.weight, blk.norm1.bias, blk.norm1.eps))
+        x1 = x + a + _bottleneck(a, blk.attn_adapter.down, blk.attn_adapter.up)  # scale 1
+        n2 = F.layer_norm(x1, (c,), blk.norm2.weight, blk.norm2.bias, blk.norm2.eps)
+        expected = (
+            x1 + blk.mlp(n2) + S_PAPER * _bottleneck(n2, blk.mlp_adapter.down, blk.mlp_adapter.up)
+        )
+        got = blk(x)
+        # the adapters must matter at this size, else the comparison proves nothing
+        assert (expected - (x1 + blk.mlp(n2))).abs().max() > 1e-3
+        assert (x1 - (x + a)).abs().max() > 1e-3
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def _hyp_reference_paper(
+    m: HyPAdapter, q: torch.Tensor, pe: torch.Tensor, n_out: int
+) -> torch.Tensor:
+    """HyP-Adpt from eq. (1)-(2) alone, with loops and raw weights.
+
+    ``e_prompt`` = reduce([pe_t, mean of the sparse prompt tokens]); for each hyper layer i with
+    its own two-layer MLP ``M_i``: ``W_i = Re(M_i(e_prompt)) in R^{L_in x L_out}`` (eq. 1), where
+    ``L_in`` of the first weight is the length of ``e_down`` and ``L_out`` of the last one is the
+    output length ``C``; ``e_{i+1} = ReLU(Norm(e_i @ W_i))`` (eq. 2). The delta is the last
+    ``e`` times medsa's per-channel output gate (zero at init so the model starts as SAM).
+    """
+    b, n, c = q.shape
+    r = m.mid_dim
+    out = torch.empty_like(q)
+
+    def lin(layer: torch.nn.Linear, v: torch.Tensor) -> torch.Tensor:
+        return v @ layer.weight.T + layer.bias
+
+    for i in range(b):
+        pooled = pe[i, n_out:].mean(0)
+        for t in range(n):
+            e = lin(m.down, q[i, t])  # e_down, length r
+            p = lin(m.prompt_reduce, torch.cat([pe[i, t], pooled]))
+            n_layers = len(m.hyper)
+            for k in range(n_layers):
+                l_out = c if k == n_layers - 1 else r
+                h = torch.relu(lin(m.hyper[k][0], p))
+                w = lin(m.hyper[k][2], h).reshape(e.shape[0], l_out)  # eq. (1)
+                y = e @ w
+                y = (y - y.mean()) / torch.sqrt(y.var(unbiased=False) + m.norms[k].eps)
+                y = y * m.norms[k].weight + m.norms[k].bias  # Norm along the length (eq. 2)
+                e = torch.relu(y)
+            out[i, t] = m.gate * e  # zero-initialised output gate (see HyPAdapter)
+    return out
+
+
+def test_hyp_adapter_paper_shapes_match_equations(randomize):
+    torch.manual_seed(0)
+    c, r, n_out = 12, 3, 2
+    m = HyPAdapter(c, r, prompt_dim=6, layers=3, num_output_tokens=n_out, shapes="paper")
+    # last generated weight maps to the output length C (eq. 1), no separate up-projection
+    assert m.hyper[-1][2].out_features == r * c
+    assert all(h[2].out_features == r * r for h in m.hyper[:-1])
+    assert m.norms[-1].normalized_shape == (c,)
+    q, pe = torch.randn(2, 5, c), torch.randn(2, 5, c)
+    randomize(m, std=0.3)
+    with torch.no_grad():
+        got = m(q, pe)
+        ref = _hyp_reference_paper(m, q, pe, n_out)
+    assert got.abs().max() > 1e-3
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_hyp_adapter_paper_shapes_start_at_zero():
+    """An adapted model must equal the frozen one before training: the paper-shaped HyP-Adpt
+    ends in ReLU(Norm(.)), so its output gate starts at zero, and it still learns."""
+    torch.manual_seed(0)
+    m = HyPAdapter(12, 3, prompt_dim=6, num_output_tokens=2, shapes="paper")
+    q, pe = torch.randn(1, 4, 12), torch.randn(1, 4, 12)
+    out = m(q, pe)
+    assert torch.equal(out, torch.zeros_like(q))
+    out.sum().backward()
+    assert m.gate.grad.abs().sum() > 0  # the gate gets a gradient (not a dead ReLU)
+
+
+def test_hyp_adapter_shapes_option_validated():
+    with pytest.raises(ValueError, match="shapes"):
+        HyPAdapter(12, 3, shapes="round")
+    from medsa.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="hyper_shapes"):
+        MedSAConfig(hyper_shapes="round")

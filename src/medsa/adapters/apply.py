@@ -165,7 +165,7 @@ def _apply_masam(model: nn.Module, cfg: MASAMConfig) -> None:
             blk.pre_mlp_adapter = Adapter3D(c, cfg.adapter_dim, cfg.kernel_depth)
     if cfg.num_classes is not None:
         model.masam_decoder = MASAMDecoder(
-            model.mask_decoder, model.prompt_encoder, cfg.num_classes
+            model.mask_decoder, model.prompt_encoder, cfg.num_classes, cfg.decoder_channels
         )
 
 

@@ -98,3 +98,45 @@ def test_evaluation_everything_grid_is_sams_default_32():
 
     assert EvalConfig().everything["points_per_side"] == 32
     assert AutomaticMaskConfig().points_per_side == 32
+
+
+def test_trainer_uses_focal_dice_with_the_iou_head(tmp_path):
+    """``loss.name: focal_dice`` reaches the trainer: the loss of a fixed batch equals
+    20 * focal + dice of the supervised mask + the IoU-head MSE (iou_weight 1)."""
+    import numpy as np
+
+    from medsa.engine.config import config_from_dict
+    from medsa.engine.train import Trainer, build_model
+
+    size = 64
+    img = torch.full((2, 3, size, size), 30.0)
+    tgt = torch.zeros(2, size, size)
+    img[:, :, 10:40, 12:44] = 210.0
+    tgt[:, 10:40, 12:44] = 1
+    data = [{"image": img[i], "target": tgt[i]} for i in range(2)]
+    cfg = config_from_dict(
+        {
+            "model": {"backbone": "vit_tiny", "options": {"img_size": size}},
+            "method": {"method": "medsa", "rank": 4},
+            "prompts": {"protocols": {"box": 1.0}},
+            "loss": {"name": "focal_dice", "lambda_ce": 20.0, "lambda_dice": 1.0},
+            "train": {"device": "cpu", "out_dir": str(tmp_path)},
+            "logging": {"progress": False, "tensorboard": False},
+        }
+    )
+    torch.manual_seed(0)
+    tr = Trainer(cfg, data, None, model=build_model(cfg))
+    assert isinstance(tr.loss_fn, FocalDiceLoss)
+    batch = {"image": img, "target": tgt}
+    with torch.no_grad():
+        total = float(tr._forward_loss(batch, np.random.default_rng(0)))
+        from medsa.engine.train import sample_prompts
+
+        prompts = sample_prompts(tgt.numpy() > 0.5, "box", np.random.default_rng(0))
+        logits, iou = tr.step_module(img, tgt.numpy() > 0.5, prompts, 0, None, None)
+    mask = FocalDiceLoss()(logits, tgt[:, None])
+    p = logits > 0
+    t = tgt[:, None] > 0.5
+    true_iou = (p & t).flatten(1).sum(1).float() / (p | t).flatten(1).sum(1).clamp_min(1)
+    expected = float(mask) + float(((iou[:, 0] - true_iou) ** 2).mean())
+    assert total == pytest.approx(expected, rel=1e-4)

@@ -138,9 +138,12 @@ def test_finished_cells_are_not_run_again(datasets, tmp_path, monkeypatch):
     assert ran == [("zero-shot", 0, False), ("medsa", 0, False)]
 
 
-def test_plan_skips_3d_only_methods_on_2d_sets(datasets, tmp_path):
-    spec = _spec(datasets, tmp_path, methods=("medsa", "sdtrans"), seeds=(0,))
-    assert [(r.name, m) for r, m, _ in rp.plan(spec)] == [("RectsA", "medsa"), ("RectsB", "medsa")]
+def test_plan_skips_3d_only_methods_and_unsplittable_sets(datasets, tmp_path):
+    one = _folder(tmp_path / "OneCase", 1, 2)
+    spec = _spec([*datasets, one], tmp_path, methods=("medsa", "sdtrans"), seeds=(0,))
+    cells, skipped = rp.plan(spec)
+    assert [(r.name, m) for r, m, _ in cells] == [("RectsA", "medsa"), ("RectsB", "medsa")]
+    assert [s["dataset"] for s in skipped] == ["OneCase"] and "n_folds" in skipped[0]["why"]
 
 
 def test_method_configs_share_rank_and_blocks():

@@ -85,7 +85,7 @@ PRESETS: dict[str, Preset] = {
         depth=4,
         test_cases=20,
         note="LiteMedSAM (TinyViT, 256 px, shipped weights), 40 steps x batch 2 per trained "
-        "cell, adapters in TinyViT blocks 9-10, first 20 test cases; sized for 2 CPU cores",
+        "cell, adapters in TinyViT blocks 9-10, first 20 test cases per dataset",
     ),
     "paper": Preset(
         name="paper",
@@ -286,27 +286,36 @@ def _case_std(rows: list[dict[str, Any]], protocol: str) -> float:
 # ---------------------------------------------------------------------------------- whole run
 
 
-def plan(spec: ReproduceSpec) -> list[tuple[Path, str, int]]:
-    """The cells to run, in order: (dataset folder, method, seed); 3D-only methods skip 2D sets."""
+def plan(spec: ReproduceSpec) -> tuple[list[tuple[Path, str, int]], list[dict[str, Any]]]:
+    """The cells to run, in order: (dataset folder, method, seed), and the datasets that cannot
+    be used (unreadable, or too few cases for the split). 3D-only methods skip 2D sets."""
     from medsa.data.datasets import load_dataset
 
-    cells = []
+    from .train import make_split
+
+    cells, skipped = [], []
     for root in spec.datasets:
-        dim = load_dataset(root).dim
+        try:
+            info = load_dataset(root)
+            cfg = _train_config(spec, root, "zero-shot", 0, spec.out / "_plan", info)
+            make_split(cfg, list(info.case_ids))
+        except (ConfigError, DataError) as e:
+            skipped.append({"dataset": root.name, "method": "*", "seed": "*", "why": str(e)})
+            continue
         for m in spec.methods:
-            if m in METHODS_3D_ONLY and dim != 3:
+            if m in METHODS_3D_ONLY and info.dim != 3:
                 continue
             for s in spec.seeds:
                 cells.append((root, m, s))
-    return cells
+    return cells, skipped
 
 
 def run_reproduce(spec: ReproduceSpec) -> dict[str, Any]:
     """Run (or load) every cell, then write the table, CSV / JSON and plots under ``spec.out``."""
     t0 = time.perf_counter()
     spec.out.mkdir(parents=True, exist_ok=True)
-    records, skipped = [], []
-    cells = plan(spec)
+    records = []
+    cells, skipped = plan(spec)
     for i, (root, method, seed) in enumerate(cells):
         try:
             rec = run_cell(spec, root, method, seed)
@@ -400,8 +409,11 @@ def main(args: argparse.Namespace) -> int:
     spec = spec_from_args(args)
     print(f"preset {spec.preset.name}: {spec.preset.note}", flush=True)
     if args.dry_run:
-        for root, m, s in plan(spec):
+        cells, skipped = plan(spec)
+        for root, m, s in cells:
             print(f"{root.name}\t{m}\tseed {s}")
+        for sk in skipped:
+            print(f"skipped {sk['dataset']}: {sk['why']}")
         return 0
     result = run_reproduce(spec)
     for sk in result["skipped"]:

@@ -177,10 +177,10 @@ def _train_config(spec: ReproduceSpec, root: Path, method: str, seed: int, run_d
     if method in METHODS_3D_ONLY:
         sets.append(f"data.depth={p.depth}")
     sets += spec.overrides
-    cfg = load_config(p.base, sets)
-    cfg.method = method_configs(p)[method]
-    cfg.__post_init__()  # validate + normalise the method section
-    return cfg
+    import dataclasses
+
+    # replace() re-runs TrainConfig's validation of the method section
+    return dataclasses.replace(load_config(p.base, sets), method=method_configs(p)[method])
 
 
 def _signature(spec: ReproduceSpec, root: Path, method: str, seed: int) -> str:

@@ -74,14 +74,17 @@ def _hyp_reference_paper(
             p = lin(m.prompt_reduce, torch.cat([pe[i, t], pooled]))
             n_layers = len(m.hyper)
             for k in range(n_layers):
-                l_out = c if k == n_layers - 1 else r
+                l_out = c if k == n_layers - 1 and m.paper_shapes else r
                 h = torch.relu(lin(m.hyper[k][0], p))
                 w = lin(m.hyper[k][2], h).reshape(e.shape[0], l_out)  # eq. (1)
                 y = e @ w
                 y = (y - y.mean()) / torch.sqrt(y.var(unbiased=False) + m.norms[k].eps)
                 y = y * m.norms[k].weight + m.norms[k].bias  # Norm along the length (eq. 2)
                 e = torch.relu(y)
-            out[i, t] = m.gate * e  # zero-initialised output gate (see HyPAdapter)
+            if m.paper_shapes:
+                out[i, t] = m.gate * e  # zero-initialised output gate (see HyPAdapter)
+            else:  # square shapes: r x r weights, then the up-projection to C
+                out[i, t] = lin(m.up, e)
     return out
 
 
@@ -98,6 +101,19 @@ def test_hyp_adapter_paper_shapes_match_equations(randomize):
     with torch.no_grad():
         got = m(q, pe)
         ref = _hyp_reference_paper(m, q, pe, n_out)
+    assert got.abs().max() > 1e-3
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_hyp_adapter_square_shapes_match_equations(randomize):
+    """The default shapes (all weights r x r + up-projection) against the same raw-weight
+    reference (the older loop test re-used the module's own layers)."""
+    torch.manual_seed(1)
+    m = HyPAdapter(12, 3, prompt_dim=6, layers=3, num_output_tokens=2)
+    q, pe = torch.randn(2, 5, 12), torch.randn(2, 5, 12)
+    randomize(m, std=0.3)
+    with torch.no_grad():
+        got, ref = m(q, pe), _hyp_reference_paper(m, q, pe, 2)
     assert got.abs().max() > 1e-3
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
 

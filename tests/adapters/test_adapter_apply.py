@@ -27,12 +27,21 @@ METHODS = {
     "medsa_xattn": MedSAConfig(
         rank=4, sd_trans=True, sd_fusion="cross_attn", prompt_conditioning="add"
     ),
+    "medsa_paper_hyp": MedSAConfig(rank=4, hyper_shapes="paper"),
     "masam": MASAMConfig(fact_rank=4, adapter_dim=8, fact_dropout=0.0),
     "lora": LoRAConfig(rank=2),
     "full": FullFTConfig(),
     "zeroshot": ZeroShotConfig(),
 }
-ADAPTER_METHODS = ["medsa", "medsa_sdtrans", "medsa_concat", "medsa_xattn", "masam", "lora"]
+ADAPTER_METHODS = [
+    "medsa",
+    "medsa_sdtrans",
+    "medsa_concat",
+    "medsa_xattn",
+    "medsa_paper_hyp",
+    "masam",
+    "lora",
+]
 DEPTH = 2
 
 

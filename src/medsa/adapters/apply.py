@@ -138,7 +138,14 @@ def _apply_medsa(model: nn.Module, cfg: MedSAConfig) -> None:
         # >= 2: HyP-Adpt's LayerNorm over a width-1 embedding would always output 0
         mid = cfg.decoder_rank or max(2, min(cfg.mid_dim(c), c // 4))
         blk.token_adapter = HyPAdapter(
-            c, mid, cfg.prompt_dim, cfg.prompt_conditioning, cfg.hyper_layers, n_out, cfg.activation
+            c,
+            mid,
+            cfg.prompt_dim,
+            cfg.prompt_conditioning,
+            cfg.hyper_layers,
+            n_out,
+            cfg.activation,
+            cfg.hyper_shapes,
         )
         blk.mlp_adapter = Adapter(c, mid, cfg.activation, scale=cfg.scale)
         blk.image_adapter = Adapter(c, mid, cfg.activation, scale=1.0)
@@ -158,7 +165,7 @@ def _apply_masam(model: nn.Module, cfg: MASAMConfig) -> None:
             blk.pre_mlp_adapter = Adapter3D(c, cfg.adapter_dim, cfg.kernel_depth)
     if cfg.num_classes is not None:
         model.masam_decoder = MASAMDecoder(
-            model.mask_decoder, model.prompt_encoder, cfg.num_classes
+            model.mask_decoder, model.prompt_encoder, cfg.num_classes, cfg.decoder_channels
         )
 
 

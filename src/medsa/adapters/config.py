@@ -132,6 +132,9 @@ class MedSAConfig:
     decoder_rank: int | None = None  #: None = rank, capped at the decoder width / 4
     prompt_dim: int = 32  #: width of the reduced prompt embedding e_prompt
     hyper_layers: int = 3  #: hyper-prompting layers (paper: 3)
+    #: HyP-Adpt weight shapes: "square" (r x r, then an up-projection) | "paper" (eq. 1: the
+    #: last generated weight is r x C); see medsa.adapters.modules.HyPAdapter
+    hyper_shapes: str = "square"
     train_mask_decoder: bool = False
     train_prompt_encoder: bool = False
 
@@ -159,6 +162,7 @@ class MedSAConfig:
             )
         _check_int("prompt_dim", self.prompt_dim)
         _check_int("hyper_layers", self.hyper_layers)
+        _check_choice("hyper_shapes", self.hyper_shapes, ("square", "paper"))
 
     def mid_dim(self, dim: int) -> int:
         """Bottleneck width for tokens of width ``dim``."""
@@ -180,10 +184,15 @@ class MASAMConfig:
     fact_scale: float = 1.0
     fact_dropout: float = 0.1
     adapters_3d: bool = True
-    adapter_dim: int = 64  #: bottleneck width of the 3D adapters
+    #: bottleneck width of the 3D adapters; 384 as the released MA-SAM code (the summary is
+    #: silent). Use a smaller one on narrow encoders (LiteMedSAM's TinyViT: 64-320 wide)
+    adapter_dim: int = 384
     kernel_depth: int = 3  #: 3D conv kernel (k, 1, 1) over depth
     blocks: str | list[int] | None = None
     num_classes: int | None = None  #: multi-class head (foreground classes + background)
+    #: multi-class head's extra x4 upsampling: "released" (C/8 -> C/16 -> C/32, as the
+    #: released code) | "constant" (C/8 throughout, SAM's hypernetworks kept)
+    decoder_channels: str = "released"
     train_mask_decoder: bool = True
     train_prompt_encoder: bool = False
 
@@ -203,6 +212,7 @@ class MASAMConfig:
             )
         _check_blocks_syntax(self.blocks)
         _check_int("num_classes", self.num_classes, allow_none=True)
+        _check_choice("decoder_channels", self.decoder_channels, ("released", "constant"))
 
 
 @dataclass

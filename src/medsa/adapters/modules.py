@@ -128,13 +128,22 @@ class HyPAdapter(AdapterModule):
     prompt enters (paper Table 5): ``"hyper"`` (above), ``"add"`` (``e_down + lin(e_prompt)``),
     ``"concat"`` (``lin([e_down, e_prompt])``) or ``"none"`` (plain adapter).
 
-    All hyper weights are ``r x r``; the last one does not map straight to ``C`` (eq. 1 allows
-    it) because an MLP emitting ``r*C`` numbers per token would dwarf the adapter; the ``up``
-    projection does that step instead.
+    ``shapes`` chooses the weight shapes of eq. (1):
+
+    * ``"square"`` (default): all hyper weights are ``r x r`` and a separate zero-initialised
+      ``up`` projection maps ``e_down`` to ``C``; the hyper MLPs stay small (``P * r^2`` each).
+    * ``"paper"``: as eq. (1) states, ``L_in`` of the first weight is ``r`` and ``L_out`` of the
+      last one is the output length ``C``: ``W_1 .. W_{k-1}`` are ``r x r``, ``W_k`` is ``r x C``
+      (its MLP emits ``r*C`` numbers per token) and the output is ``ReLU(Norm_C(e @ W_k))``,
+      no ``up``. Eq. (2) ends in a ReLU, which cannot start at exactly zero with a live
+      gradient, so the output is multiplied by a per-channel ``gate (C,)`` initialised to 0:
+      the model starts equal to the frozen one (as every medsa adapter) and ``gate`` gets the
+      gradient ``e`` from the first step.
     """
 
     kind = "hyp_adapter"
     MODES = ("hyper", "add", "concat", "none")
+    SHAPES = ("square", "paper")
 
     def __init__(
         self,
@@ -145,31 +154,43 @@ class HyPAdapter(AdapterModule):
         layers: int = 3,
         num_output_tokens: int = 0,
         activation: str = "relu",
+        shapes: str = "square",
     ) -> None:
         super().__init__()
         if mode not in self.MODES:
             raise ValueError(f"mode must be one of {self.MODES}, got {mode!r}")
+        if shapes not in self.SHAPES:
+            raise ValueError(f"shapes must be one of {self.SHAPES}, got {shapes!r}")
         if mode == "hyper" and mid_dim < 2:
             raise ValueError("HyP-Adpt needs mid_dim >= 2 (LayerNorm over one value is always 0)")
         self.mode = mode
         self.mid_dim = mid_dim
+        self.dim = dim
         self.num_output_tokens = int(num_output_tokens)
+        # eq. (1) with the paper's shapes: the last generated weight maps straight to C
+        self.paper_shapes = mode == "hyper" and shapes == "paper"
         self.down = nn.Linear(dim, mid_dim)
         self.act = ACTIVATIONS[activation]()
-        self.up = _zero_(nn.Linear(mid_dim, dim))
+        if self.paper_shapes:
+            self.gate = nn.Parameter(torch.zeros(dim))
+        else:
+            self.up = _zero_(nn.Linear(mid_dim, dim))
         if mode != "none":
             # "the prompt information is concatenated and reduced as prompt embedding"
             self.prompt_reduce = nn.Linear(2 * dim, prompt_dim)
         if mode == "hyper":
+            outs = [mid_dim] * layers
+            if self.paper_shapes:
+                outs[-1] = dim
             self.hyper = nn.ModuleList(
                 nn.Sequential(
                     nn.Linear(prompt_dim, prompt_dim),
                     nn.ReLU(),
-                    nn.Linear(prompt_dim, mid_dim * mid_dim),
+                    nn.Linear(prompt_dim, mid_dim * o),
                 )
-                for _ in range(layers)
+                for o in outs
             )
-            self.norms = nn.ModuleList(nn.LayerNorm(mid_dim) for _ in range(layers))
+            self.norms = nn.ModuleList(nn.LayerNorm(o) for o in outs)
         elif mode == "add":
             self.prompt_proj = nn.Linear(prompt_dim, mid_dim)
         elif mode == "concat":
@@ -202,8 +223,10 @@ class HyPAdapter(AdapterModule):
             e = self.down(queries)
             b, n, r = e.shape
             for mlp, norm in zip(self.hyper, self.norms, strict=True):
-                w = mlp(p).view(b, n, r, r)
-                e = F.relu(norm(torch.einsum("bni,bnio->bno", e, w)))
+                w = mlp(p).view(b, n, r, norm.normalized_shape[0])  # eq. (1): (B, N, L_in, L_out)
+                e = F.relu(norm(torch.einsum("bni,bnio->bno", e, w)))  # eq. (2)
+            if self.paper_shapes:
+                return self.gate * e
         elif self.mode == "add":
             e = self.act(self.down(queries)) + self.prompt_proj(p)
         else:  # concat

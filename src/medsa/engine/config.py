@@ -134,6 +134,14 @@ class PromptSection:
             raise ConfigError("prompts.protocols weights must not all be 0")
         if self.clicks < 0:
             raise ConfigError(f"prompts.clicks must be >= 0; got {self.clicks}")
+        # "everything" is SAM's automatic mode (a grid of independent one-point queries, scored
+        # by best overlap): as a training prompt it would be one prompt of 1024 positive points
+        for name in (*self.protocols, self.val_protocol):
+            if name in ("everything", "auto"):
+                raise ConfigError(
+                    f"prompt protocol {name!r} is an evaluation mode (automatic masks), not a "
+                    "training prompt; train with 1pt, 3pt, bbox0.5, bbox0.75 or box"
+                )
 
     def default_val_protocol(self) -> str:
         if self.val_protocol is not None:
@@ -143,11 +151,14 @@ class PromptSection:
 
 @dataclass
 class LossSection:
-    """Dice + BCE (prompted, binary) or Dice + CE (MA-SAM multi-class head); see engine.losses."""
+    """Dice + BCE or SAM's focal + Dice (prompted, binary), Dice + CE (MA-SAM multi-class head);
+    see engine.losses. The paper's recipe (SAM's): ``focal_dice`` with ``lambda_ce=20``
+    (the focal weight), ``lambda_dice=1``, ``iou_weight=1``."""
 
-    name: Literal["auto", "dice_bce", "dice_ce"] = "auto"  #: auto: dice_ce iff multi-class head
+    #: auto: dice_ce iff multi-class head, else dice_bce
+    name: Literal["auto", "dice_bce", "dice_ce", "focal_dice"] = "auto"
     lambda_dice: float = 1.0
-    lambda_ce: float = 1.0
+    lambda_ce: float = 1.0  #: weight of the (B)CE term, or of the focal term for focal_dice
     batch_dice: bool = False
     #: weight of SAM's IoU-prediction MSE (predicted vs actual IoU of each output mask); the
     #: IoU head ranks the 3 candidates of a single-point prompt at inference

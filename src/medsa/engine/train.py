@@ -69,7 +69,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "-c",
         help="YAML config (sections: model, method, data, prompts, loss, optim, train, logging), "
         "or the name of a packaged one: lite_medsam_medsa_2d, medsa_vit_b_2d, medsa_sdtrans_3d, "
-        "medsa_paper_3d, masam_3d, lora_vit_b_2d",
+        "medsa_paper_2d, medsa_paper_3d, masam_3d, lora_vit_b_2d",
     )
     parser.add_argument(
         "--set",

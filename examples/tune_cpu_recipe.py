@@ -1,0 +1,78 @@
+"""CPU recipe tuning on the train / validation split of ONE 2D dataset (never its test split).
+
+For each candidate recipe, Med-SA is trained on LiteMedSAM for ``--steps`` optimizer steps
+(one cosine schedule over the whole run) and evaluated on the first ``--val-cases``
+*validation* cases under 1pt / 3pt / bbox0.75 at the checkpoints ``--at`` (step 0 is zero-shot).
+Training and evaluation use ``medsa.engine.train`` and ``evaluate_model``. Results go to
+``<out>/<recipe>.json`` after every checkpoint, so a partial run is still readable.
+
+    nice -n 10 python examples/tune_cpu_recipe.py --data ../shared/data/BUSI --out runs/tune_cpu
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+#: recipe name -> --set overrides on top of the packaged lite_medsam_medsa_2d config
+RECIPES: dict[str, list[str]] = {
+    "points_lr1e-3": ["prompts.protocols={1pt: 0.5, 3pt: 0.5}", "optim.lr=1.0e-3"],
+    "mixed_lr1e-3": ["prompts.protocols={1pt: 0.4, 3pt: 0.3, bbox0.75: 0.3}", "optim.lr=1.0e-3"],
+    "mixed_lr3e-3": ["prompts.protocols={1pt: 0.4, 3pt: 0.3, bbox0.75: 0.3}", "optim.lr=3.0e-3"],
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--data", required=True)
+    p.add_argument("--out", default="runs/tune_cpu")
+    p.add_argument("--recipes", default=",".join(RECIPES))
+    p.add_argument("--steps", type=int, default=96)
+    p.add_argument("--at", default="0,24,48,96", help="steps at which to evaluate")
+    p.add_argument("--val-cases", type=int, default=24)
+    args = p.parse_args(argv)
+
+    import torch
+
+    from medsa.data.datasets import load_dataset
+    from medsa.engine.config import load_config
+    from medsa.engine.evaluate import EvalConfig, evaluate_model
+    from medsa.engine.train import Trainer, build_datasets, build_model
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    at = sorted({int(s) for s in args.at.split(",")})
+    protocols = ("1pt", "3pt", "bbox0.75")
+    ecfg = EvalConfig(protocols=protocols, seeds=(0,), noc_clicks=0, worst_k=0)
+    info = load_dataset(args.data)
+    for name in args.recipes.split(","):
+        sets = [*RECIPES[name], f"data.root={args.data}", f"train.max_steps={args.steps}",
+                "train.batch_size=2", "prompts.clicks=1", "optim.warmup_steps=5",
+                "train.val_every=0", "logging.tensorboard=false", "logging.progress=false",
+                f"train.out_dir={out / name}"]  # fmt: skip
+        cfg = load_config("lite_medsam_medsa_2d", sets)
+        torch.manual_seed(0)
+        model = build_model(cfg)
+        train_set, _, split = build_datasets(cfg, model)
+        val = split["val"][: args.val_cases]
+        assert not set(val) & set(split["test"])
+        tr = Trainer(cfg, train_set, None, model=model)
+        rec = {"recipe": name, "overrides": sets, "val_cases": val, "curve": []}
+        t0 = time.time()
+        for s in at:
+            if s > tr.step:
+                tr.fit(stop_at_step=s)
+            res = evaluate_model(tr.model, info, case_ids=val, config=ecfg)
+            rec["curve"].append({"step": tr.step, "seconds": round(time.time() - t0, 1),
+                                 **{pr: round(res.mean_dice(pr), 4) for pr in protocols}})  # fmt: skip
+            tr.model.train()
+            (out / f"{name}.json").write_text(json.dumps(rec, indent=2) + "\n")
+            print(name, rec["curve"][-1], flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

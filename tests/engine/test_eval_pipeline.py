@@ -155,13 +155,6 @@ def test_prefetch_keeps_order_and_raises_in_place():
     assert list(prefetch(abs, [-1, -2])) == [1, 2]  # inline
 
 
-SCRIPT = """
-import sys
-from medsa.cli import main
-sys.exit(main(sys.argv[1:]))
-"""
-
-
 @pytest.mark.slow
 def test_torchrun_two_processes_write_the_single_process_report(tiny_model, tmp_path):
     """``torchrun --nproc_per_node 2 medsa evaluate``: each rank a disjoint half of the cases,
@@ -175,8 +168,6 @@ def test_torchrun_two_processes_write_the_single_process_report(tiny_model, tmp_
               str(ckpt), "--device", "cpu", "--seeds", "0,1", "--noc-clicks", "2"]  # fmt: skip
     one = tmp_path / "one"
     assert cli_main([*common, "--out", str(one), "--workers", "0", "--batch-size", "1"]) == 0
-    script = tmp_path / "run_cli.py"
-    script.write_text(SCRIPT)
     two = tmp_path / "two"
     env = {
         **os.environ,
@@ -185,7 +176,7 @@ def test_torchrun_two_processes_write_the_single_process_report(tiny_model, tmp_
         "PYTHONPATH": os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")]),
     }
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes", "1",
-           "--nproc_per_node", "2", str(script), *common, "--out", str(two),
+           "--nproc_per_node", "2", "-m", "medsa.cli", *common, "--out", str(two),
            "--workers", "1", "--batch-size", "2"]  # fmt: skip
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

@@ -302,15 +302,25 @@ def _label_map(masks: np.ndarray) -> np.ndarray:
 
 
 def run_job(
-    job: PredictJob, predictor: Any, args: argparse.Namespace, cli: Prompt | None
+    job: PredictJob,
+    predictor: Any,
+    args: argparse.Namespace,
+    cli: Prompt | None,
+    loaded: Any = None,
 ) -> list[Path]:
-    """Segment one input and write its outputs; returns the written paths."""
+    """Segment one input and write its outputs; returns the written paths.
+
+    ``loaded``: the input already read (``medsa.engine.predict_pipeline.Loaded``), else read here.
+    """
     from medsa.data.io import read_image, write_image
 
-    img = read_image(job.path)
+    if loaded is not None:
+        img, x = loaded.img, loaded.x
+    else:
+        img = read_image(job.path)
+        # (H, W, 3) / (D, H, W, 3) float in [0, 255], scaled as the training datasets do
+        x = model_input(img.array, bool(img.is_3d), args.intensity)
     is_3d = bool(img.is_3d)
-    # (H, W, 3) / (D, H, W, 3) float in [0, 255], scaled as the training datasets do
-    x = model_input(img.array, is_3d, args.intensity)
     shape = x.shape[:-1]
     prompts_used: Any = None
     if args.auto:
@@ -351,8 +361,9 @@ def run_job(
             if not isinstance(prompts, Mapping):
                 raise PromptError(f"{job.path} is a volume: prompts must be given per slice")
             masks, _ = segment_volume(
-                predictor, img.array, prompts, intensity=args.intensity, depth=args.depth
-            )
+                predictor, img.array, prompts, intensity=args.intensity, depth=args.depth,
+                batch_size=getattr(args, "batch_size", 1),
+            )  # fmt: skip
         else:
             if isinstance(prompts, Mapping):
                 raise PromptError(f"{job.path} is a 2D image: per-slice prompts do not apply")
@@ -497,6 +508,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--suffix", default="_mask", help="added to output names (default: _mask)")
     p.add_argument("--overlay", action="store_true", help="also write <name>_overlay.png")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="processes that read the next inputs while the model runs (default 1; 0: none)",
+    )
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=4,
+        help="images / slices per image-encoder pass (default 4). Under torchrun every "
+        "process segments its share of the inputs",
+    )
 
 
 def main(args: argparse.Namespace) -> int:
@@ -527,26 +551,55 @@ def main(args: argparse.Namespace) -> int:
     cli = cli_prompt(args.point, args.box)
     table = load_prompt_file(args.prompts) if args.prompts is not None else None
 
+    from medsa.engine.eval_pipeline import check_run_args, distributed_run
+    from medsa.engine.predict_pipeline import iter_loaded, reduce_counts
+
+    check_run_args(args.workers, args.batch_size)
     jobs, errors = collect_inputs(args.inputs, args.out)
-    for e in errors:
-        print(f"medsa predict: error: {e}", file=sys.stderr)
     if not jobs:
+        for e in errors:
+            print(f"medsa predict: error: {e}", file=sys.stderr)
         return 1
-    model = load_model(args.backbone, args.checkpoint, args.adapter, resolve_device(args.device))
-    predictor = as_predictor(model)
-    failed = len(errors)
-    base = args.prompts.parent if args.prompts is not None else Path.cwd()
+    with distributed_run(resolve_device(args.device)) as dist_info:  # torchrun: a share each
+        if dist_info.is_main:
+            for e in errors:
+                print(f"medsa predict: error: {e}", file=sys.stderr)
+        mine = jobs[dist_info.rank :: dist_info.world_size]
+        model = load_model(args.backbone, args.checkpoint, args.adapter, dist_info.device)
+        failed = _run_jobs(mine, as_predictor(model), args, cli, table, iter_loaded)
+        failed, n = reduce_counts([failed, len(mine)], dist_info.distributed)
+    failed += len(errors)
+    n += len(errors)
+    if dist_info.is_main:
+        print(f"{n - failed}/{n} inputs segmented" + (f", {failed} failed" if failed else ""))
+    return 1 if failed else 0
+
+
+def _run_jobs(
+    jobs: list[PredictJob],
+    predictor: Any,
+    args: argparse.Namespace,
+    cli: Prompt | None,
+    table: dict[str, Any] | None,
+    iter_loaded: Any,
+) -> int:
+    """Segment ``jobs`` (read ahead, batched, ``medsa.engine.predict_pipeline``); returns the
+    number of failed inputs (each reported on stderr)."""
     import torch
 
-    for job in jobs:
+    failed = 0
+    base = args.prompts.parent if args.prompts is not None else Path.cwd()
+    for job, loaded in iter_loaded(jobs, predictor, args.intensity, args.workers, args.batch_size):
         try:
             if table is not None:
                 entry = _lookup(table, job, base)
                 if entry is None:
                     raise PromptError(f"no entry for this file in {args.prompts}")
                 job.entry = entry
+            if loaded.error is not None:  # reading failed in the prefetch worker
+                raise loaded.error
             with torch.inference_mode():
-                written = run_job(job, predictor, args, cli)
+                written = run_job(job, predictor, args, cli, loaded=loaded)
             print(f"{job.path} -> " + ", ".join(str(w) for w in written))
         except MedsaError as e:
             failed += 1
@@ -558,6 +611,4 @@ def main(args: argparse.Namespace) -> int:
                 f"medsa predict: error: {job.path}: unexpected {type(e).__name__}: {e}",
                 file=sys.stderr,
             )
-    n = len(jobs) + len(errors)
-    print(f"{n - failed}/{n} inputs segmented" + (f", {failed} failed" if failed else ""))
-    return 1 if failed else 0
+    return failed

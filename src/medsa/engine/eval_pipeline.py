@@ -131,7 +131,8 @@ def _run_local(
 ) -> Iterator[tuple[int, CaseResult]]:
     from medsa.engine import evaluate as ev
 
-    executor = make_executor(workers)
+    # nothing to overlap with a single case: no process start-up cost
+    executor = make_executor(min(workers, max(len(indices) - 1, 0)))
     try:
         prepare = functools.partial(_prepare, ds, classes, cfg)
         items = [(i, cases[i]) for i in indices]

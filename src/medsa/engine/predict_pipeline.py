@@ -46,7 +46,8 @@ def iter_loaded(
     jobs: Sequence[Any], predictor: Any, intensity: str, workers: int = 0, batch_size: int = 1
 ) -> Iterator[tuple[Any, Loaded]]:
     """Yield ``(job, Loaded)`` for ``jobs`` in order (see the module docstring)."""
-    executor = make_executor(workers)
+    # nothing to overlap with a single input: no process start-up cost
+    executor = make_executor(min(workers, max(len(jobs) - 1, 0)))
     try:
         loaded = prefetch(
             functools.partial(_load, intensity),

@@ -599,9 +599,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--workers",
         type=int,
-        default=1,
+        default=0,
         help="processes that read the next cases and compute metrics while the model runs "
-        "(default 1; 0: everything in this process). Results do not depend on it",
+        "(default 0: all in this process; use it where cores are idle, e.g. with a GPU). "
+        "Results do not depend on it",
     )
     p.add_argument(
         "--batch-size",

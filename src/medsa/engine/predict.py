@@ -511,8 +511,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--workers",
         type=int,
-        default=1,
-        help="processes that read the next inputs while the model runs (default 1; 0: none)",
+        default=0,
+        help="processes that read the next inputs while the model runs (default 0: none)",
     )
     p.add_argument(
         "--batch-size",

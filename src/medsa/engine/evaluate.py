@@ -188,6 +188,9 @@ def evaluate_model(
     config: EvalConfig | None = None,
     progress: bool = False,
     keep_worst: bool = False,
+    workers: int = 0,
+    batch_size: int = 1,
+    distributed: bool = False,
 ) -> EvalResults:
     """Evaluate ``model`` (a :class:`medsa.sam.Sam` or a ``SamPredictor``) on ``dataset``.
 
@@ -197,6 +200,11 @@ def evaluate_model(
         case_ids: restrict to these cases (e.g. a validation fold); default all.
         progress: print one line per case.
         keep_worst: keep image / prediction of the worst cases for :func:`plot_overlays`.
+        workers: processes that read cases ahead and compute metrics (0: inline).
+        batch_size: images / slices per image-encoder pass.
+        distributed: shard the cases over the ``torchrun`` ranks (every rank returns the
+            results of all cases). These three change speed, never results
+            (:mod:`medsa.engine.eval_pipeline`).
     Returns:
         :class:`EvalResults` (rows per case x class x protocol x seed, summary, NoC curve).
     """
@@ -238,11 +246,13 @@ def evaluate_model(
     try:
         import torch
 
+        from medsa.engine.eval_pipeline import run_cases
+
         with torch.inference_mode():
-            for i, case in enumerate(cases):
-                case_rows, noc, store, fails = _evaluate_case(
-                    predictor, ds, case, classes, cfg, keep_worst
-                )
+            for _, _, (case_rows, noc, store, fails) in run_cases(
+                predictor, ds, cases, classes, cfg, keep_worst,
+                workers=workers, batch_size=batch_size, distributed=distributed, progress=progress,
+            ):  # fmt: skip
                 rows += case_rows
                 failures += fails
                 for cls, curve in noc.items():
@@ -251,11 +261,6 @@ def evaluate_model(
                 worst_store += store
                 if keep_worst:  # keep memory bounded: only the current worst candidates
                     worst_store = _worst_distinct(worst_store, cfg.worst_k)
-                if progress:
-                    d = [r["dice"] for r in case_rows]
-                    print(
-                        f"[{i + 1}/{len(cases)}] {case.id}: mean Dice {np.mean(d):.3f}", flush=True
-                    )
     finally:
         if was_training and hasattr(model_obj, "train"):
             model_obj.train()
@@ -311,8 +316,29 @@ def _select_classes(ds: Any, wanted: Sequence[str] | None) -> list[str]:
 def _evaluate_case(
     predictor: Any, ds: Any, case: Any, classes: list[str], cfg: EvalConfig, keep: bool
 ) -> tuple[list[dict[str, Any]], dict[str, list[float]], list[dict[str, Any]], list[str]]:
-    from medsa.data.prompts import get_protocol, next_click
+    """One case, sequentially: read (:func:`_prepare_case`), predict (:func:`_predict_case`),
+    score (:func:`_score_case`). ``medsa.engine.eval_pipeline`` runs the same three steps
+    overlapped (reading and scoring in worker processes, encoder passes batched)."""
+    prep = _prepare_case(ds, case, classes, cfg)
+    preds, noc_masks, failures = _predict_case(predictor, prep, classes, cfg, ds.classes)
+    rows, noc, store = _score_case(prep, preds, noc_masks, classes, cfg, keep)
+    return rows, noc, store, failures
 
+
+@dataclass
+class _Prepared:
+    """A case read and preprocessed (what a prefetch worker hands to the model loop)."""
+
+    case_id: str
+    x: np.ndarray  # (H, W, 3) / (D, H, W, 3) float32 in [0, 255]
+    gts: dict[str, np.ndarray]  # class -> bool (H, W) / (D, H, W)
+    spacing: tuple[float, ...]
+    is_3d: bool
+    # the targets on the case's own grid (== gts unless EvalConfig.resize_to): metrics use these
+    orig_gts: dict[str, np.ndarray]
+
+
+def _prepare_case(ds: Any, case: Any, classes: list[str], cfg: EvalConfig) -> _Prepared:
     img, targets = ds.load_case(case)
     if hasattr(ds, "layout") and hasattr(img, "spacing"):
         from medsa.data.check import label_geometry_errors
@@ -341,18 +367,48 @@ def _evaluate_case(
         raise DataError(
             f"case {case.id!r}: label shape {ref.shape} != image shape {tuple(spatial)}"
         )
-    spacing = _spacing(img, ref.ndim)
     orig_gts = gts  # metrics are computed against these, on the case's own grid
     if cfg.resize_to is not None:  # the model's grid, as in training (data.resize_to)
         x, gts = _resize_case(x, gts, cfg.resize_to)
-        ref = next(iter(gts.values()))
+    return _Prepared(case.id, x, gts, _spacing(img, ref.ndim), is_3d, orig_gts)
+
+
+def _encoded_slices(prep: _Prepared, cfg: EvalConfig) -> list[int | None]:
+    """The slices :func:`_predict_case` sets as image (``[None]`` for 2D), in order."""
+    if not prep.is_3d:
+        return [None]
+    if "auto" in cfg.protocols:
+        return list(range(prep.x.shape[0]))
+    any_t = np.zeros(prep.x.shape[0], dtype=bool)
+    for g in prep.gts.values():
+        any_t |= g.reshape(len(g), -1).any(1)
+    return [int(z) for z in np.flatnonzero(any_t)]
+
+
+def _combos(cfg: EvalConfig, classes: list[str]) -> list[tuple[str, int, str]]:
+    return [(p, s, c) for p in cfg.protocols for s in cfg.seeds for c in classes]
+
+
+def _predict_case(
+    predictor: Any,
+    prep: _Prepared,
+    classes: list[str],
+    cfg: EvalConfig,
+    class_values: Any,
+) -> tuple[dict[Any, np.ndarray], dict[str, list[np.ndarray]], list[str]]:
+    """Run the model on one prepared case: predictions per (protocol, seed, class), the NoC
+    masks per class, and the prompts that could not be simulated."""
+    from medsa.data.prompts import get_protocol, next_click
+
+    x, gts, is_3d, case_id = prep.x, prep.gts, prep.is_3d, prep.case_id
+    ref = next(iter(gts.values()))
     slices = range(x.shape[0]) if is_3d else [None]
     encoder = ChunkEncoder(predictor, x, cfg.depth) if (is_3d and cfg.depth) else None
+    combos = _combos(cfg, classes)
+    preds = {k: np.zeros(ref.shape, dtype=bool) for k in combos}
+    rngs = {k: _rng(k[1], case_id, k[2], k[0]) for k in combos}
     prop = _propagator(predictor, x, is_3d, cfg, gts)  # key-slice protocols (volume_protocols.py)
     encoder = None if prop is not None else encoder
-    combos = [(p, s, c) for p in cfg.protocols for s in cfg.seeds for c in classes]
-    preds = {k: np.zeros(ref.shape, dtype=bool) for k in combos}
-    rngs = {k: _rng(k[1], case.id, k[2], k[0]) for k in combos}
     per_slice = ("everything", "auto", *KEYSLICE_PROTOCOLS)
     protocol_fns = {p: get_protocol(p) for p in cfg.protocols if p not in per_slice}
     model = getattr(predictor, "model", None)
@@ -364,12 +420,12 @@ def _evaluate_case(
     noc_masks = {
         c: [np.zeros(ref.shape, dtype=bool) for _ in range(cfg.noc_clicks)] for c in classes
     }
-    noc_rngs = {c: _rng(cfg.seeds[0], case.id, c, "noc") for c in classes}
+    noc_rngs = {c: _rng(cfg.seeds[0], case_id, c, "noc") for c in classes}
 
     prompted = [p for p in cfg.protocols if p not in per_slice]
     failures: list[str] = []
     run_noc = cfg.noc_clicks > 0 and bool(prompted)
-    class_ids = {c: int(ds.classes[c]) for c in classes}
+    class_ids = {c: int(class_values[c]) for c in classes}
     for z in slices:
         gt2 = {c: (g[z] if z is not None else g) for c, g in gts.items()}
         has_target = any(m.any() for m in gt2.values())
@@ -404,7 +460,7 @@ def _evaluate_case(
                     # e.g. no box of the requested IoU fits a tiny object at the border: this
                     # slice gets no prompt (empty prediction); reported, not fatal
                     where = f" slice {z}" if z is not None else ""
-                    failures.append(f"{case.id} / {cls} / {prot} / seed {seed}{where}: {e}")
+                    failures.append(f"{case_id} / {cls} / {prot} / seed {seed}{where}: {e}")
                     continue
                 todo.append(combo)
                 prompts.append(prompt)
@@ -434,20 +490,36 @@ def _evaluate_case(
         preds.update(keyslice_predictions(prop, combos, gts, rngs))
         prop.close()
 
+    return preds, noc_masks, failures
+
+
+def _score_case(
+    prep: _Prepared,
+    preds: dict[Any, np.ndarray],
+    noc_masks: dict[str, list[np.ndarray]],
+    classes: list[str],
+    cfg: EvalConfig,
+    keep: bool,
+) -> tuple[list[dict[str, Any]], dict[str, list[float]], list[dict[str, Any]]]:
+    """Metric rows, NoC Dice curve and worst-case candidates of one case (no model: this runs
+    in a worker process in the pipelined evaluation)."""
+    gts, is_3d, case_id, spacing = prep.gts, prep.is_3d, prep.case_id, prep.spacing
+    orig_gts = prep.orig_gts
+    x = prep.x
     rows = []
-    for prot, seed, cls in combos:
+    for prot, seed, cls in _combos(cfg, classes):
         pred = _to_grid(preds[(prot, seed, cls)], orig_gts[cls].shape)
         met = compute_metrics(pred, orig_gts[cls], spacing, cfg.metrics)
-        rows.append({"case_id": case.id, "class": cls, "protocol": prot, "seed": int(seed), **met})
+        rows.append({"case_id": case_id, "class": cls, "protocol": prot, "seed": int(seed), **met})
     store = []
     if keep:  # images only for this case's candidates for the worst-case figure
-        cands = [{"dice": r["dice"], "key": (case.id, r["class"]), "row": r} for r in rows]
+        cands = [{"dice": r["dice"], "key": (case_id, r["class"]), "row": r} for r in rows]
         for c in _worst_distinct(cands, cfg.worst_k):
             r = c["row"]
             g = gts[r["class"]]
             pred = preds[(r["protocol"], r["seed"], r["class"])]
             z = int(np.argmax(g.reshape(g.shape[0], -1).sum(1))) if is_3d else None
-            title = f"{case.id} {r['class']} {r['protocol']} s{r['seed']}"
+            title = f"{case_id} {r['class']} {r['protocol']} s{r['seed']}"
             title += (f" z={z}" if z is not None else "") + f"\nDice {r['dice']:.2f}"
             store.append(
                 {
@@ -460,7 +532,8 @@ def _evaluate_case(
                 }
             )
     noc: dict[str, list[float]] = {}
-    if run_noc:
+    prompted = [p for p in cfg.protocols if p not in ("everything", "auto", *KEYSLICE_PROTOCOLS)]
+    if cfg.noc_clicks > 0 and prompted:
         from medsa.engine.metrics import dice
 
         noc = {
@@ -468,7 +541,7 @@ def _evaluate_case(
             for c in classes
             if gts[c].any()
         }
-    return rows, noc, store, failures
+    return rows, noc, store
 
 
 def _resize_case(
@@ -631,6 +704,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--device", default="auto", help="cpu, cuda, cuda:N or auto (default: CUDA if available)"
     )
     p.add_argument("--quiet", action="store_true", help="no per-case progress lines")
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=0,
+        help="processes that read the next cases and compute metrics while the model runs "
+        "(default 0: all in this process; use it where cores are idle, e.g. with a GPU). "
+        "Results do not depend on it",
+    )
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=4,
+        help="images / slices per image-encoder pass (default 4). Results do not depend on it. "
+        "Under torchrun every process evaluates its share of the cases; rank 0 writes the report",
+    )
 
 
 def _csv_list(s: str | None, what: str) -> list[str]:
@@ -716,23 +804,32 @@ def main(args: argparse.Namespace) -> int:
         raise ConfigError(f"--subset {args.subset} needs --split FILE (the splits JSON)")
     subset = args.subset or "val"
     case_ids = _case_ids_from_split(args.split, args.fold, ds, subset) if args.split else None
+    from medsa.engine.eval_pipeline import check_run_args, distributed_run
+    from medsa.engine.perf import resolve_device
+
+    check_run_args(args.workers, args.batch_size)
     # before the model is loaded and anything is computed
     check_writable_dir(out, "--out")
     refuse_existing([out / name for name in OUTPUT_FILES], "--out", args.overwrite)
-    from medsa.engine.perf import resolve_device
-
-    device = resolve_device(args.device)
-    model = build_inference_model(settings, device, random_weights=args.random_weights)
+    with distributed_run(resolve_device(args.device)) as dist_info:  # torchrun: this rank's share
+        model = build_inference_model(
+            settings, dist_info.device, random_weights=args.random_weights
+        )
+        res = evaluate_model(
+            model,
+            ds,
+            case_ids=case_ids,
+            config=cfg,
+            progress=not args.quiet,
+            keep_worst=cfg.worst_k > 0,
+            workers=args.workers,
+            batch_size=args.batch_size,
+            distributed=dist_info.distributed,
+        )
+    if not dist_info.is_main:  # every rank has all rows; rank 0 alone writes the report
+        return 0
     backbone = getattr(model, "name", None) or settings.backbone
     method = args.name or (backbone + (f" + {args.adapter.stem}" if args.adapter else ""))
-    res = evaluate_model(
-        model,
-        ds,
-        case_ids=case_ids,
-        config=cfg,
-        progress=not args.quiet,
-        keep_worst=cfg.worst_k > 0,
-    )
     print(report.markdown_table(res.summary, method, len(cfg.seeds)))  # also if writing fails
     try:
         written = write_outputs(res, out, method)

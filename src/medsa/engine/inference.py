@@ -308,6 +308,7 @@ def segment_volume(
     n_objects: int | None = None,
     intensity: str = "auto",
     depth: int | None = None,
+    batch_size: int = 1,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Segment a volume ``(D, H, W)`` / ``(C, D, H, W)`` slice by slice.
 
@@ -318,6 +319,7 @@ def segment_volume(
         intensity: see :func:`model_input`; one window for the whole volume.
         depth: encode chunks of ``depth`` slices together (:class:`ChunkEncoder`; for models
             with SD-Trans / MA-SAM 3D adapters, use the training chunk depth); None: 2D slices.
+        batch_size: prompted slices per image-encoder pass (``SamPredictor.expect``; 2D slices).
     Returns:
         ``masks (K, D, H, W)`` bool and ``scores (K, D)`` (``nan`` where not prompted).
     """
@@ -338,6 +340,13 @@ def segment_volume(
     scores = np.full((k, d), np.nan, dtype=np.float32)
     predictor = as_predictor(predictor) if slice_prompts else predictor
     encoder: ChunkEncoder | None = None
+    if depth is None and batch_size > 1 and hasattr(predictor, "expect"):
+        todo_z = [
+            int(z)
+            for z in sorted(int(z) for z in slice_prompts)
+            if any(p is not None and not p.empty for p in slice_prompts[z])
+        ]
+        predictor.expect([x[z] for z in todo_z], batch_size=batch_size)  # type: ignore[index]
     for z in sorted(int(z) for z in slice_prompts):
         prompts = list(slice_prompts[z])
         if len(prompts) > k:

@@ -361,9 +361,16 @@ def output_paths(job: PredictJob, args: argparse.Namespace) -> list[Path]:
 
 
 def run_job(
-    job: PredictJob, predictor: Any, args: argparse.Namespace, cli: Prompt | None
+    job: PredictJob,
+    predictor: Any,
+    args: argparse.Namespace,
+    cli: Prompt | None,
+    loaded: Any = None,
 ) -> list[Path]:
-    """Segment one input and write its outputs; returns the written paths."""
+    """Segment one input and write its outputs; returns the written paths.
+
+    ``loaded``: the input already read (``medsa.engine.predict_pipeline.Loaded``), else read here.
+    """
     from medsa.data.io import read_image, write_image
 
     paths = output_paths(job, args)
@@ -372,13 +379,16 @@ def run_job(
         raise MedsaError(
             f"{out_path}: refusing to overwrite the input; use another --out or --suffix"
         )
-    img = read_image(job.path)
+    if loaded is not None:
+        img, x = loaded.img, loaded.x
+    else:
+        img = read_image(job.path)
+        # (H, W, 3) / (D, H, W, 3) float in [0, 255], scaled as the training datasets do
+        x = model_input(img.array, bool(img.is_3d), args.intensity)
     is_3d = bool(img.is_3d)
     if args.slice and not is_3d and job.explicit:
         # in a folder --slice is meant for its volumes; a 2D image named with it is a mistake
         raise PromptError(f"{job.path} is a 2D image: --slice applies to volumes only")
-    # (H, W, 3) / (D, H, W, 3) float in [0, 255], scaled as the training datasets do
-    x = model_input(img.array, is_3d, args.intensity)
     shape = x.shape[:-1]
     # the model's grid (training's data.resize_to); the result is resampled back to `shape`
     xm, grid = _model_grid(x, getattr(args, "resize_to", None))
@@ -434,13 +444,15 @@ def run_job(
                 raise PromptError(f"{job.path} is a volume: prompts must be given per slice")
             if grid == shape:
                 masks, _ = segment_volume(
-                    predictor, img.array, prompts, intensity=args.intensity, depth=args.depth
-                )
+                    predictor, img.array, prompts, intensity=args.intensity, depth=args.depth,
+                    batch_size=getattr(args, "batch_size", 1),
+                )  # fmt: skip
             else:  # xm is already scaled: (D', H', W', 3) -> (3, D', H', W') channels
                 mp = _prompts_to_grid(prompts, shape, grid)
                 masks, _ = segment_volume(
-                    predictor, np.moveaxis(xm, -1, 0), mp, intensity="none", depth=args.depth
-                )
+                    predictor, np.moveaxis(xm, -1, 0), mp, intensity="none", depth=args.depth,
+                    batch_size=getattr(args, "batch_size", 1),
+                )  # fmt: skip
         else:
             if isinstance(prompts, Mapping):
                 raise PromptError(f"{job.path} is a 2D image: per-slice prompts do not apply")
@@ -677,6 +689,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "series (needs highdicom)",
     )
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=0,
+        help="processes that read the next inputs while the model runs (default 0: none)",
+    )
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=4,
+        help="images / slices per image-encoder pass (default 4). Under torchrun every "
+        "process segments its share of the inputs",
+    )
     add_runtime_arguments(p)
 
 
@@ -713,10 +738,14 @@ def main(args: argparse.Namespace) -> int:
     cli = cli_prompt(args.point, args.box)
     table = load_prompt_file(args.prompts) if args.prompts is not None else None
 
+    from medsa.engine.eval_pipeline import check_run_args, distributed_run
+    from medsa.engine.predict_pipeline import iter_loaded, reduce_counts
+
+    check_run_args(args.workers, args.batch_size)
     jobs, errors = collect_inputs(args.inputs, args.out)
-    for e in errors:
-        print(f"medsa predict: error: {e}", file=sys.stderr)
     if not jobs:
+        for e in errors:
+            print(f"medsa predict: error: {e}", file=sys.stderr)
         return 1
     # the adapter's recorded depth / resize / intensity unless given (contradictions: error)
     settings = resolve_inference(
@@ -737,27 +766,54 @@ def main(args: argparse.Namespace) -> int:
         args.overwrite,
     )
     runtime = getattr(args, "runtime", "torch")
-    device = resolve_device("cpu" if runtime == "onnx" else args.device)
-    model = build_inference_model(settings, device, random_weights=args.random_weights)
-    if runtime == "torch":
-        predictor = as_predictor(model)
-    else:  # ONNX Runtime behind the same predictor interface (medsa.export.runtime)
-        from medsa.export.runtime import make_predictor
+    with distributed_run(resolve_device("cpu" if runtime == "onnx" else args.device)) as dist_info:
+        if dist_info.is_main:  # torchrun: each process segments its share
+            for e in errors:
+                print(f"medsa predict: error: {e}", file=sys.stderr)
+        mine = jobs[dist_info.rank :: dist_info.world_size]
+        model = build_inference_model(
+            settings, dist_info.device, random_weights=args.random_weights
+        )
+        if runtime == "torch":
+            predictor = as_predictor(model)
+        else:  # ONNX Runtime behind the same predictor interface (medsa.export.runtime)
+            from medsa.export.runtime import make_predictor
 
-        predictor = make_predictor(model, runtime, onnx_dir=args.onnx_dir)
-    failed = len(errors)
-    base = args.prompts.parent if args.prompts is not None else Path.cwd()
+            predictor = make_predictor(model, runtime, onnx_dir=args.onnx_dir)
+        failed = _run_jobs(mine, predictor, args, cli, table, iter_loaded)
+        failed, n = reduce_counts([failed, len(mine)], dist_info.distributed)
+    failed += len(errors)
+    n += len(errors)
+    if dist_info.is_main:
+        print(f"{n - failed}/{n} inputs segmented" + (f", {failed} failed" if failed else ""))
+    return 1 if failed else 0
+
+
+def _run_jobs(
+    jobs: list[PredictJob],
+    predictor: Any,
+    args: argparse.Namespace,
+    cli: Prompt | None,
+    table: dict[str, Any] | None,
+    iter_loaded: Any,
+) -> int:
+    """Segment ``jobs`` (read ahead, batched, ``medsa.engine.predict_pipeline``); returns the
+    number of failed inputs (each reported on stderr)."""
     import torch
 
-    for job in jobs:
+    failed = 0
+    base = args.prompts.parent if args.prompts is not None else Path.cwd()
+    for job, loaded in iter_loaded(jobs, predictor, args.intensity, args.workers, args.batch_size):
         try:
             if table is not None:
                 entry = _lookup(table, job, base)
                 if entry is None:
                     raise PromptError(f"no entry for this file in {args.prompts}")
                 job.entry = entry
+            if loaded.error is not None:  # reading failed in the prefetch worker
+                raise loaded.error
             with torch.inference_mode():
-                written = run_job(job, predictor, args, cli)
+                written = run_job(job, predictor, args, cli, loaded=loaded)
             print(f"{job.path} -> " + ", ".join(str(w) for w in written))
         except MedsaError as e:
             failed += 1
@@ -769,6 +825,4 @@ def main(args: argparse.Namespace) -> int:
                 f"medsa predict: error: {job.path}: unexpected {type(e).__name__}: {e}",
                 file=sys.stderr,
             )
-    n = len(jobs) + len(errors)
-    print(f"{n - failed}/{n} inputs segmented" + (f", {failed} failed" if failed else ""))
-    return 1 if failed else 0
+    return failed

@@ -3,6 +3,12 @@
 Embeddings are kept in a small LRU cache keyed by a hash of the image bytes, so switching back to a
 recently seen image (web app, slice browsing) costs no encoder pass. Call :meth:`clear_cache` after
 changing the model's weights.
+
+Batched encoding: :meth:`SamPredictor.embed_batch` encodes several images in one image-encoder
+forward pass and puts them in the cache; :meth:`SamPredictor.expect` announces the images that
+will be set next, so that the first cache miss among them encodes it together with the following
+``batch_size - 1`` expected ones (evaluation and volume loops use it without changing their
+``set_image`` calls). Results are the same as one image at a time (the encoder is per-sample).
 """
 
 from __future__ import annotations
@@ -88,6 +94,9 @@ class SamPredictor:
         self._pe: tuple[tuple, torch.Tensor] | None = None
         self.cache_hits = 0
         self.cache_misses = 0
+        #: announced upcoming images (:meth:`expect`): cache key -> image, in order
+        self._expected: OrderedDict[str, np.ndarray] = OrderedDict()
+        self._batch_size = 1
         self.reset_image()
 
     @property
@@ -129,23 +138,90 @@ class SamPredictor:
         if image_format not in ("RGB", "BGR"):
             raise MedsaError(f"image_format must be 'RGB' or 'BGR', got {image_format!r}")
         key = self._image_key(image) + image_format if isinstance(image, np.ndarray) else ""
+        if key and key not in self._cache and key in self._expected:
+            self._embed_expected(key, image_format)
         if key and key in self._cache:
             self._cache.move_to_end(key)
             self.cache_hits += 1
             self._use(self._cache[key])
             return
+        tensor, size = self._to_input(image, image_format)
+        self.set_torch_image(tensor, size)
+        self.cache_misses += 1
+        if self.cache_size > 0:
+            assert self.features is not None and self.input_size is not None
+            self._cache[key] = _Entry(self.features, self.original_size, self.input_size)  # type: ignore[arg-type]
+        while len(self._cache) > self.cache_size:  # also drops what embed_batch kept beyond it
+            self._cache.popitem(last=False)
+
+    def _to_input(
+        self, image: np.ndarray, image_format: str
+    ) -> tuple[torch.Tensor, tuple[int, int]]:
+        """``image`` -> resized ``(1, 3, h, w)`` float tensor in ``[0, 255]`` and its ``(H, W)``."""
         rgb = image_to_rgb(image)
         if image_format != self.model.image_format:
             rgb = rgb[..., ::-1]
         resized = self.transform.apply_image(np.ascontiguousarray(rgb))
         tensor = torch.as_tensor(resized, device=self.device).permute(2, 0, 1)[None].float()
-        self.set_torch_image(tensor, rgb.shape[:2])
-        self.cache_misses += 1
-        if self.cache_size > 0:
-            assert self.features is not None and self.input_size is not None
-            self._cache[key] = _Entry(self.features, self.original_size, self.input_size)  # type: ignore[arg-type]
-            while len(self._cache) > self.cache_size:
-                self._cache.popitem(last=False)
+        return tensor, (int(rgb.shape[0]), int(rgb.shape[1]))
+
+    @torch.no_grad()
+    def embed_batch(self, images: list[np.ndarray], image_format: str = "RGB") -> int:
+        """Encode ``images`` (each as for :meth:`set_image`) in one encoder pass into the cache.
+
+        Images already cached are skipped; a later ``set_image`` of any of them is a cache hit.
+        The cache keeps at least ``len(images)`` entries until the next miss. Sizes may differ
+        (SAM pads every image to the same square input). Returns the number of images encoded.
+        """
+        if image_format not in ("RGB", "BGR"):
+            raise MedsaError(f"image_format must be 'RGB' or 'BGR', got {image_format!r}")
+        todo: dict[str, np.ndarray] = {}
+        for im in images:
+            if not isinstance(im, np.ndarray):
+                raise DataError(f"image must be a numpy array, got {type(im).__name__}")
+            key = self._image_key(im) + image_format
+            if key not in self._cache:
+                todo.setdefault(key, im)
+        if not todo:
+            return 0
+        inputs = [self._to_input(im, image_format) for im in todo.values()]
+        x = torch.cat([self.model.preprocess(t.to(self.device, torch.float32)) for t, _ in inputs])
+        feats = self.model.image_encoder(x.to(self._dtype))
+        for (key, (t, size)), f in zip(zip(todo, inputs, strict=True), feats, strict=True):
+            entry = _Entry(
+                f[None].contiguous(memory_format=torch.channels_last),
+                size,
+                (int(t.shape[-2]), int(t.shape[-1])),
+            )
+            self._cache[key] = entry
+            self._expected.pop(key, None)
+        self.cache_misses += len(todo)
+        while len(self._cache) > max(self.cache_size, len(todo)):
+            self._cache.popitem(last=False)
+        return len(todo)
+
+    def expect(
+        self, images: list[np.ndarray], batch_size: int = 4, image_format: str = "RGB"
+    ) -> None:
+        """Announce the images that will be ``set_image``-d next (replaces earlier announcements).
+
+        The first ``set_image`` of an announced image that is not cached encodes it together with
+        the next ``batch_size - 1`` announced, uncached images (:meth:`embed_batch`). Only
+        references are kept; images that are never set cost nothing.
+        """
+        if batch_size < 1:
+            raise ValueError("batch_size must be >= 1")
+        self._batch_size = int(batch_size)
+        self._expected = OrderedDict((self._image_key(im) + image_format, im) for im in images)
+
+    def _embed_expected(self, key: str, image_format: str) -> None:
+        keys = list(self._expected)
+        i = keys.index(key)
+        batch = [k for k in keys[i:] if k not in self._cache][: self._batch_size]
+        for k in keys[: i + 1]:  # passed over: not going to be set in this order any more
+            if k not in batch:
+                self._expected.pop(k, None)
+        self.embed_batch([self._expected[k] for k in batch], image_format)
 
     def _use(self, entry: _Entry) -> None:
         self.features = entry.features

@@ -43,7 +43,11 @@ BOX_VARIANTS = [
     ("box+mask,s0.7", "box+mask", 0.0, 0.7),
     ("box,s0", "box", 0.0, 0.0),
 ]
-PT_VARIANTS = [("box+mask", "box+mask", 0.0, 0.5), ("box", "box", 0.0, 0.5)]
+PT_VARIANTS = [
+    ("box+mask", "box+mask", 0.0, 0.5),
+    ("box", "box", 0.0, 0.5),
+    ("box,m0.1", "box", 0.1, 0.5),
+]
 
 
 def report(rows: list[dict]) -> str:

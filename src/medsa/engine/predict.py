@@ -630,13 +630,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--key-mask",
         type=Path,
         metavar="FILE",
-        help="with --propagate: a mask as key, 2D (H, W) for --slice Z or a (D, H, W) label map "
-        "(label k = object k; every non-empty slice is a key)",
+        help="a mask as key, propagated (implies --propagate): 2D (H, W) for --slice Z or a "
+        "(D, H, W) label map (label k = object k; every non-empty slice is a key)",
     )
     g.add_argument(
         "--min-score",
         type=float,
-        help="--propagate: predicted IoU below which the object ends (default: see docs)",
+        help="--propagate: predicted IoU below which the object ends (default 0.5)",
     )
     g.add_argument(
         "--everything", action="store_true", help="SAM automatic mode: label every object"

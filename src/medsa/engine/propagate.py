@@ -316,7 +316,7 @@ class VolumePropagator:
         min_score: float = 0.5,
         min_area: int = 10,
         feed: str = "box",
-        box_margin: float = 0.0,
+        box_margin: float = 0.1,
     ) -> PropagationResult:
         """Propagate ONE object from its key slices through the volume.
 
@@ -332,7 +332,9 @@ class VolumePropagator:
                 (``total`` = slices that may be visited; the last call is ``(total, total)``).
             min_score: a slice whose predicted IoU is below this ends the object.
             min_area: a slice whose mask has fewer pixels ends the object.
-            feed, box_margin: the next-slice prompt, see :func:`next_prompt`.
+            feed, box_margin: the next-slice prompt, see :func:`next_prompt`. The defaults (the
+                previous mask's box, 10 % larger on each side) gave the best volume Dice with
+                LiteMedSAM on ACDC (docs/propagation.md).
         """
         if direction not in ("both", "up", "down"):
             raise PromptError(f"direction must be 'both', 'up' or 'down', got {direction!r}")

@@ -98,6 +98,8 @@ class MedsaWidget(QWidget):
         self.depth.setRange(0, 64)
         self.depth.setSpecialValueText("none")  # 0: slices encoded alone (2D encoders)
         self.depth.setToolTip("SD-Trans / MA-SAM chunk depth (none: slices encoded alone)")
+        # the CLI's --random-weights: a backbone without weights is refused unless asked for
+        self.random_weights = QCheckBox("allow random weights (meaningless masks; tests only)")
         self.load_btn = QPushButton("Load model")
         self.load_btn.clicked.connect(lambda: self.load_model())
         form.addRow("backbone", self.backbone)
@@ -106,6 +108,7 @@ class MedsaWidget(QWidget):
         form.addRow("device", self.device)
         form.addRow("intensity", self.intensity)
         form.addRow("depth", self.depth)
+        form.addRow(self.random_weights)
         form.addRow(self.load_btn)
         lay.addWidget(mbox)
 
@@ -245,19 +248,21 @@ class MedsaWidget(QWidget):
     # ------------------------------------------------------------------ model
 
     def load_model(self) -> Any:
-        """Build backbone + checkpoint + adapter (``medsa.engine.evaluate.load_model``) in a worker."""
-        from medsa.engine.evaluate import load_model
+        """Build backbone + checkpoint + adapter (``medsa.engine.model_loading.load_model``, which
+        refuses a backbone without weights unless "allow random weights" is checked) in a worker."""
+        from medsa.engine.model_loading import load_model
         from medsa.engine.perf import resolve_device
 
         ck = Path(self.checkpoint.text()) if self.checkpoint.text().strip() else None
         ad = Path(self.adapter.text()) if self.adapter.text().strip() else None
         name, device = self.backbone.currentText(), self.device.currentText()
+        random_weights = self.random_weights.isChecked()
 
         def build(progress: Any) -> Any:
             import torch
 
             torch.manual_seed(0)  # a random-init backbone (vit_tiny tests) is reproducible
-            return load_model(name, ck, ad, resolve_device(device))
+            return load_model(name, ck, ad, resolve_device(device), random_weights=random_weights)
 
         return self._run("model", build, self.set_model)
 

@@ -11,8 +11,9 @@ API (all errors are JSON ``{"error": "<message>"}`` with a meaningful status cod
   candidate masks (run-length encoded) with their predicted IoU and a token of their low-res logits
   (``mask_input`` of the next click: previous-mask feedback)
 - ``POST /api/embed {image, slice}``: compute (and cache) a slice's embedding ahead of a click
-- ``POST /api/save {image, name, objects: [{name, label, masks: {slice: rle}}], overwrite}``: write
-  one label map plus a ``.labels.json`` sidecar into the output folder (409: exists, confirm)
+- ``POST /api/save {image, name, objects: [{name, label, masks: {slice: rle}}], overwrite,
+  dicom_seg}``: write one label map plus a ``.labels.json`` sidecar into the output folder (409:
+  exists, confirm); ``dicom_seg``: also ``<name>_seg.dcm`` (DICOM images only, else 400)
 - ``POST /api/propagate {image, keys: {slice: rle}, direction}``: start propagating one object
   through a volume in a background thread -> ``{job}``; ``GET /api/jobs/{job}``: progress, then the
   masks per slice; ``POST /api/jobs/{job}/cancel``
@@ -118,6 +119,8 @@ class SaveRequest(BaseModel):
     masks: SliceMasks | None = None
     #: replace an existing file this session did not write (the page asks the user first)
     overwrite: bool = False
+    #: also write ``<name>_seg.dcm``, a DICOM-SEG referencing the source series (DICOM images only)
+    dicom_seg: bool = False
 
 
 class PropagateRequest(BaseModel):
@@ -336,12 +339,13 @@ def create_app(
             raise PromptError(f"too many objects ({len(given)}); at most {MAX_OBJECTS} per file")
         # masks stay run lengths here: decoded slice by slice while the label map is painted
         objects = [LabelledObject(o.name, o.label, _slice_keys(img, o.masks)) for o in given]
-        dest, sidecar = service.save(img, objects, req.name, req.overwrite)
+        dest, sidecar, seg = service.save(img, objects, req.name, req.overwrite, req.dicom_seg)
         return {
             "name": dest.name,
             # relative to the output folder's parent: absolute server paths are not shown
             "path": f"{service.output_dir.name}/{dest.name}",
             "sidecar": sidecar.name,
+            "dicom_seg": seg.name if seg is not None else None,
             "labels": {o.name: o.label for o in objects},
             "foreground": {o.name: o.foreground for o in objects},
             "download": f"/api/download/{dest.name}",

@@ -36,6 +36,7 @@ __all__ = [
     "OutputFolder",
     "OverwriteNeeded",
     "label_map",
+    "dicom_seg_name",
     "sidecar_name",
 ]
 
@@ -103,6 +104,12 @@ def sidecar_name(mask_name: str) -> str:
     """``case_mask.nii.gz -> case_mask.labels.json``."""
     suf = image_suffix(mask_name) or ""
     return f"{mask_name[: len(mask_name) - len(suf)]}.labels.json"
+
+
+def dicom_seg_name(mask_name: str) -> str:
+    """``series_mask.nii.gz -> series_mask_seg.dcm`` (the DICOM-SEG saved next to a label map)."""
+    suf = image_suffix(mask_name) or ""
+    return f"{mask_name[: len(mask_name) - len(suf)]}_seg.dcm"
 
 
 class OutputFolder:

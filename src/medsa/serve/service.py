@@ -30,7 +30,7 @@ from medsa.errors import DataError, MedsaError, PromptError
 from .feedback import LogitStore
 from .images import ImageLimits, ImageStore, LoadedImage, SingleFlightLRU
 from .jobs import Job, JobManager
-from .outputs import LabelledObject, OutputFolder, label_map, sidecar_name
+from .outputs import LabelledObject, OutputFolder, dicom_seg_name, label_map, sidecar_name
 from .paths import AccessDenied, NotFound, RootSet, image_suffix
 from .propagation import (
     PropagationOutput,
@@ -377,19 +377,43 @@ class SegmentationService:
         objects: list[LabelledObject],
         name: str | None,
         overwrite: bool = False,
-    ) -> tuple[Path, Path]:
-        """Write the label map (input geometry; PNG for 2D) and its JSON sidecar, atomically.
+        dicom_seg: bool = False,
+    ) -> tuple[Path, Path, Path | None]:
+        """Write the label map (input geometry; PNG for 2D) and its JSON sidecar, atomically;
+        with ``dicom_seg`` (DICOM inputs only) also ``<name>_seg.dcm`` referencing the source
+        series, its segments named after the objects.
 
         Returns:
-            ``(label map path, sidecar path)``.
+            ``(label map path, sidecar path, DICOM-SEG path or None)``.
+
+        Raises:
+            MedsaError: ``dicom_seg`` for an image that was not read from DICOM (HTTP 400).
         """
         from dataclasses import replace
 
         from medsa.data.io import write_image
 
+        if dicom_seg and (img.image.format != "dicom" or img.path is None):
+            raise MedsaError(
+                f"{img.name}: a DICOM-SEG can only be saved for a DICOM image (this one is "
+                f"{img.image.format}); save without DICOM-SEG"
+            )
         dest = self.outputs.destination(name or img.info()["save_name"], img, overwrite)
         out = label_map(img, objects)
         self.outputs.check(sidecar_name(dest.name), img, overwrite)  # refuse before writing
+        seg = None
+        if dicom_seg:
+            from medsa.data.dicom_seg import write_dicom_seg
+
+            seg = self.outputs.check(dicom_seg_name(dest.name), img, overwrite)
+            # written first: it is the step that can fail on the source's attributes (highdicom
+            # validates them), and then nothing has been written
+            try:
+                write_dicom_seg(out, img.path, {o.label: o.name for o in objects}, seg)
+            except DataError as e:  # no server paths in messages sent to the browser
+                msg = str(e).replace(str(seg), seg.name).replace(str(img.path), img.name)
+                raise DataError(msg) from None
+            self.outputs.written(seg)
         like = img.image
         if img.is_3d and like.array.ndim == 4:
             # The 4D header/affine of a multi-channel volume would describe 4 axes; keep the 3D
@@ -398,7 +422,7 @@ class SegmentationService:
         write_image(out, dest, like=like)
         self.outputs.written(dest)
         sidecar = self.outputs.write_sidecar(dest, img, objects, overwrite)
-        return dest, sidecar
+        return dest, sidecar, seg
 
     def stats(self) -> dict[str, Any]:
         return {

@@ -14,6 +14,7 @@
     multimask: $("multimask"), candidates: $("candidates"), maskInfo: $("mask-info"),
     preset: $("preset"), win: $("win"), lev: $("lev"), winVal: $("win-val"), levVal: $("lev-val"),
     opacity: $("opacity"), showMask: $("show-mask"), saveName: $("save-name"), save: $("save"),
+    dicomSeg: $("dicom-seg"), dicomSegRow: $("dicom-seg-row"),
     download: $("download"), saveInfo: $("save-info"), feedback: $("feedback"),
     objects: $("objects"), objAdd: $("obj-add"), objDel: $("obj-del"), objName: $("obj-name"),
     propBox: $("propagate-box"), propagate: $("propagate"), propDir: $("prop-dir"),
@@ -202,6 +203,8 @@
     ui.slice.max = info.slices - 1; ui.slice.value = state.z;
     ui.saveName.value = info.save_name;
     ui.download.hidden = true; ui.saveInfo.textContent = "";
+    // DICOM-SEG references the source series: offered for DICOM images only
+    ui.dicomSegRow.hidden = info.format !== "dicom"; ui.dicomSeg.disabled = info.format !== "dicom";
     setupWindow(info);
     layout();
     await gotoSlice(state.z);
@@ -534,7 +537,8 @@
       setStatus("nothing to save yet: add a prompt first", "error"); return;
     }
     setStatus("saving …", "busy");
-    const body = { image: info.id, name: ui.saveName.value.trim() || null, objects };
+    const dicomSeg = info.format === "dicom" && ui.dicomSeg.checked;
+    const body = { image: info.id, name: ui.saveName.value.trim() || null, objects, dicom_seg: dicomSeg };
     let res;
     try {
       res = await api("/api/save", { json: body });
@@ -545,7 +549,8 @@
     }
     ui.download.href = res.download; ui.download.download = res.name; ui.download.hidden = false;
     const px = Object.values(res.foreground).reduce((a, b) => a + b, 0);
-    ui.saveInfo.textContent = `saved ${res.path} + ${res.sidecar} (${objects.length} object(s), ${px} px)`;
+    const seg = res.dicom_seg ? ` + ${res.dicom_seg}` : "";
+    ui.saveInfo.textContent = `saved ${res.path} + ${res.sidecar}${seg} (${objects.length} object(s), ${px} px)`;
     document.body.dataset.saved = res.name;
     state.dirty = false;
     setStatus(`saved ${res.name}`);

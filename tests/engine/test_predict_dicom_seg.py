@@ -13,7 +13,7 @@ from medsa.data.io import read_image, write_image
 hd = pytest.importorskip("highdicom")
 pydicom = pytest.importorskip("pydicom")
 
-TINY = ["--backbone", "vit_tiny", "--device", "cpu"]
+TINY = ["--backbone", "vit_tiny", "--device", "cpu", "--random-weights"]
 
 
 def test_predict_dicom_seg_matches_the_label_map_on_the_source_instances(

@@ -13,7 +13,7 @@ from medsa.data.io import Image, read_image, write_image
 from medsa.engine.propagate import object_keys
 from medsa.errors import PromptError
 
-TINY = ["--backbone", "vit_tiny", "--device", "cpu"]
+TINY = ["--backbone", "vit_tiny", "--device", "cpu", "--random-weights"]
 
 
 def _two_tubes() -> tuple[np.ndarray, np.ndarray]:
@@ -40,9 +40,9 @@ def volume(tmp_path: Path) -> tuple[Path, np.ndarray]:
 @pytest.fixture
 def stub(monkeypatch, component):
     """``medsa predict`` with the connected-component stub instead of a model."""
-    import medsa.engine.evaluate as E
+    import medsa.engine.model_loading as M
 
-    monkeypatch.setattr(E, "load_model", lambda *a, **k: component())
+    monkeypatch.setattr(M, "build_inference_model", lambda *a, **k: component())
 
 
 def test_propagate_two_objects_from_json_keys_one_label_map(volume, tmp_path, capsys, stub):

@@ -207,7 +207,8 @@ def test_evaluate_uses_the_stored_depth_and_refuses_a_contradicting_one(
 
 def _args(tmp_path: Path, **kw) -> argparse.Namespace:
     base = dict(out=tmp_path / "out", suffix="_mask", overlay=False, auto=False, everything=False,
-                intensity="auto", depth=None, resize_to=None, slice=None)  # fmt: skip
+                intensity="auto", depth=None, resize_to=None, slice=None, propagate=False,
+                key_mask=None)  # fmt: skip
     return argparse.Namespace(**{**base, **kw})
 
 

@@ -30,6 +30,7 @@ class BrightPredictor:
         self.delay = delay
         self.image: np.ndarray | None = None
         self.mask_inputs: list = []
+        self.boxes: list = []
 
     def set_image(self, image: np.ndarray) -> None:
         self.image = np.asarray(image)[..., 0] if np.ndim(image) == 3 else np.asarray(image)
@@ -38,6 +39,7 @@ class BrightPredictor:
                 multimask_output=True):  # fmt: skip
         time.sleep(self.delay)
         self.mask_inputs.append(mask_input)
+        self.boxes.append(box)
         assert self.image is not None
         m = np.zeros(self.image.shape, bool)
         if box is not None:

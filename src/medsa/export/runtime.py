@@ -1,7 +1,7 @@
 """Inference runtimes: PyTorch (default) or ONNX Runtime behind the one ``SamPredictor`` interface.
 
 :class:`OnnxPredictor` is a :class:`~medsa.sam.SamPredictor` whose two model calls, the image
-encoder (``set_torch_image``) and prompt -> mask (``predict_torch``), run the graphs written by
+encoder (``_encode``) and prompt -> mask (``predict_torch``), run the graphs written by
 :func:`medsa.export.export_onnx` in ONNX Runtime. Everything else (input checks, resizing,
 normalisation, the embedding cache, batched prompts) is the PyTorch predictor's code, so
 ``medsa predict`` / ``medsa serve`` and :mod:`medsa.engine.inference` work unchanged with it.
@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from medsa.errors import ConfigError, DataError, PromptError
+from medsa.errors import ConfigError, PromptError
 from medsa.sam.predictor import SamPredictor
 
 from .export import DECODER_FILE, ENCODER_FILE, export_onnx, read_meta
@@ -107,27 +107,15 @@ class OnnxPredictor(SamPredictor):
     def _dtype(self) -> torch.dtype:
         return torch.float32  # the graphs are exported in fp32
 
-    @torch.no_grad()
-    def set_torch_image(
-        self, transformed_image: torch.Tensor, original_image_size: tuple[int, ...]
-    ) -> None:
-        """As :meth:`SamPredictor.set_torch_image`, the encoder running in ONNX Runtime."""
-        s = self.model.img_size
-        if (
-            transformed_image.ndim != 4
-            or transformed_image.shape[1] != 3
-            or max(transformed_image.shape[2:]) != s
-        ):
-            raise DataError(
-                f"set_torch_image expects (1, 3, h, w) with long side {s}, "
-                f"got {tuple(transformed_image.shape)}"
-            )
-        self.reset_image()
-        x = self.model.preprocess(transformed_image.to("cpu", torch.float32))
-        (emb,) = self.sessions.encoder.run(None, {"image": np.ascontiguousarray(x.numpy())})
-        self.features = torch.from_numpy(emb)
-        self.original_size = (int(original_image_size[0]), int(original_image_size[1]))
-        self.input_size = (int(transformed_image.shape[-2]), int(transformed_image.shape[-1]))
+    def _encode(self, x: torch.Tensor) -> torch.Tensor:
+        """The image encoder in ONNX Runtime, one image per run (the graph's batch is 1 or
+        dynamic; running them one by one works for both)."""
+        x = x.to("cpu", torch.float32).numpy()
+        embs = [
+            self.sessions.encoder.run(None, {"image": np.ascontiguousarray(xi[None])})[0]
+            for xi in x
+        ]
+        return torch.from_numpy(np.concatenate(embs))
         self.is_image_set = True
 
     @torch.no_grad()

@@ -186,7 +186,7 @@ class SamPredictor:
             return 0
         inputs = [self._to_input(im, image_format) for im in todo.values()]
         x = torch.cat([self.model.preprocess(t.to(self.device, torch.float32)) for t, _ in inputs])
-        feats = self.model.image_encoder(x.to(self._dtype))
+        feats = self._encode(x)
         for (key, (t, size)), f in zip(zip(todo, inputs, strict=True), feats, strict=True):
             entry = _Entry(
                 f[None].contiguous(memory_format=torch.channels_last),
@@ -246,7 +246,7 @@ class SamPredictor:
             )
         self.reset_image()
         x = self.model.preprocess(transformed_image.to(self.device, torch.float32))
-        features = self.model.image_encoder(x.to(self._dtype))
+        features = self._encode(x)
         # stored channels-last: the decoder's (1, h*w, C) token view is then free on every click
         features = features.contiguous(memory_format=torch.channels_last)
         self._use(
@@ -256,6 +256,11 @@ class SamPredictor:
                 (int(transformed_image.shape[-2]), int(transformed_image.shape[-1])),
             )
         )
+
+    def _encode(self, x: torch.Tensor) -> torch.Tensor:
+        """Image encoder on preprocessed images ``(B, 3, S, S)`` -> embeddings ``(B, C, h, w)``;
+        the one place a runtime (e.g. ONNX Runtime, ``medsa.export.runtime``) replaces."""
+        return self.model.image_encoder(x.to(self._dtype))
 
     def _dense_pe(self) -> torch.Tensor:
         """The prompt encoder's ``get_dense_pe()``, computed once per device and dtype.

@@ -184,9 +184,12 @@ def _finish(done: Iterator[tuple[Any, Any]]) -> Iterator[tuple[int, CaseResult]]
 def _announce(predictor: Any, preps: list[Any], cfg: Any, batch_size: int) -> None:
     """Tell the predictor which images the next cases will set (batched encoding)."""
     from medsa.engine.evaluate import _encoded_slices
+    from medsa.engine.volume_protocols import KEYSLICE_PROTOCOLS
 
     if batch_size <= 1 or not hasattr(predictor, "expect") or cfg.depth:
         return  # chunked 3D encoders (depth) already encode several slices per pass
+    if any(p in KEYSLICE_PROTOCOLS for p in cfg.protocols):
+        return  # the case's VolumePropagator encodes (batched) and serves every slice itself
     images = []
     for p in preps:
         for z in _encoded_slices(p, cfg):

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from medsa._fs import atomic_write
 from medsa.errors import CheckpointError, ConfigError, MedsaError
 
 from .apply import apply_method, get_method
@@ -53,17 +52,6 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
         if keep and name in persistent and name not in out:
             out[name] = b
     return out
-
-
-def _atomic_write(target: Path, write: Any) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def save_adapter(
@@ -109,8 +97,8 @@ def save_adapter(
         except (TypeError, ValueError) as e:
             raise ConfigError(f"adapter inference settings are not JSON data: {e}") from None
         meta["inference"] = dict(inference)
-    _atomic_write(st_path, lambda tmp: save_file(tensors, tmp, metadata={"format": FORMAT}))
-    _atomic_write(json_path, lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=2) + "\n"))
+    atomic_write(st_path, lambda tmp: save_file(tensors, tmp, metadata={"format": FORMAT}))
+    atomic_write(json_path, lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=2) + "\n"))
     return st_path
 
 

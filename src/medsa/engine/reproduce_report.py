@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from .report import PROTOCOL_TITLES, _plt, _save
+from .report import PROTOCOL_TITLES, _atomic_write_text, _plt, _save
 
 __all__ = ["markdown", "write_reports"]
 
@@ -38,9 +38,7 @@ CSV_COLUMNS = (
 
 
 def _atomic(path: Path, text: str) -> Path:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
+    _atomic_write_text(path, text)  # the evaluate report's writer: no partial file left behind
     return path
 
 

@@ -38,8 +38,6 @@ The TinyViT fast paths are traced as well (BN folding becomes constant weights).
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -49,6 +47,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from medsa._fs import atomic_write
 from medsa.errors import ConfigError, MedsaError
 
 __all__ = [
@@ -184,23 +183,11 @@ def _example_inputs(model: nn.Module, n_points: int = 2) -> tuple[torch.Tensor, 
     )
 
 
-def _write_atomic(path: Path, write: Any) -> None:
-    """``write(tmp_path)`` then rename over ``path``: no half-written model on failure."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _export(module: nn.Module, args: tuple, path: Path, **kwargs: Any) -> None:
     with warnings.catch_warnings():
         # the TorchScript exporter warns about tracing constants and its own deprecation
         warnings.simplefilter("ignore")
-        _write_atomic(
+        atomic_write(
             path,
             lambda tmp: torch.onnx.export(
                 module, args, tmp, dynamo=False, do_constant_folding=True, **kwargs
@@ -308,7 +295,7 @@ def export_onnx(
         opset=opset,
     )
     meta_path = out / META_FILE
-    _write_atomic(meta_path, lambda tmp: Path(tmp).write_text(json.dumps(asdict(meta), indent=2)))
+    atomic_write(meta_path, lambda tmp: Path(tmp).write_text(json.dumps(asdict(meta), indent=2)))
     written["meta"] = meta_path
     return written
 

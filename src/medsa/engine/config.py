@@ -217,8 +217,16 @@ class TrainSection:
     #: save (0: off); at most this much work is lost to a kill, even in a long epoch
     save_every_minutes: float = 5.0
     out_dir: str = "runs/medsa"
+    #: memory (MB) for caching the frozen encoder blocks' output per training image (reused by
+    #: later epochs, clicks and validation; docs/training.md); null = auto: 2048 on the CPU, 0
+    #: (off) elsewhere; 0 = off
+    prefix_cache_mb: float | None = None
 
     def __post_init__(self) -> None:
+        if self.prefix_cache_mb is not None and not self.prefix_cache_mb >= 0:
+            raise ConfigError(
+                f"train.prefix_cache_mb must be >= 0 or null; got {self.prefix_cache_mb}"
+            )
         for name in ("epochs", "batch_size", "grad_accum"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"train.{name} must be >= 1; got {getattr(self, name)}")

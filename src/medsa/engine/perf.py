@@ -18,11 +18,15 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from medsa.errors import ConfigError
+
+if TYPE_CHECKING:
+    from medsa.sam.prefix_cache import PrefixCache
 
 _DTYPES: dict[str, torch.dtype] = {
     "fp32": torch.float32,
@@ -147,6 +151,40 @@ def maybe_compile(module: nn.Module, enabled: bool, mode: str | None = None) -> 
     if not hasattr(torch, "compile"):
         raise ConfigError("torch.compile needs torch >= 2.0")
     return torch.compile(module, mode=mode)  # type: ignore[return-value]
+
+
+def first_adapted_block(model: nn.Module) -> int:
+    """0-based index (over ``medsa.adapters.encoder_blocks``) of the first encoder block that
+    trains or carries an adapter hook (the number of blocks when none does). The encoder itself
+    checks at each call that everything before that block is frozen (stem, merges)."""
+    from medsa.adapters import encoder_blocks
+    from medsa.sam.prefix_cache import prefix_is_frozen
+
+    blocks = encoder_blocks(model)
+    with torch.enable_grad():
+        for i, b in enumerate(blocks):
+            if not prefix_is_frozen([b]):
+                return i
+    return len(blocks)
+
+
+def attach_prefix_cache(
+    model: nn.Module, max_mb: float, cache: PrefixCache | None = None
+) -> PrefixCache | None:
+    """Give ``model``'s image encoder a :class:`~medsa.sam.prefix_cache.PrefixCache` (``cache``
+    if given and it starts no later than the first adapted block, else a new one of ``max_mb``
+    MB); ``None`` (and no cache) when there is no frozen prefix or ``max_mb`` is 0."""
+    from medsa.sam.prefix_cache import PrefixCache
+
+    start = first_adapted_block(model)
+    enc = model.image_encoder
+    if start < 1 or (cache is None and max_mb <= 0):
+        enc.prefix_cache = None
+        return None
+    if cache is None or cache.start_block > start:
+        cache = PrefixCache(start, int(max_mb * 2**20))
+    enc.prefix_cache = cache
+    return cache
 
 
 def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:

@@ -24,9 +24,12 @@ import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from medsa.errors import ConfigError, DataError
+
+if TYPE_CHECKING:
+    from medsa.sam.prefix_cache import PrefixCache
 
 HELP = "compare methods x datasets x seeds at equal budgets; paper-style table, CSV/JSON, plots"
 
@@ -144,6 +147,7 @@ class ReproduceSpec:
     overrides: list[str] = field(default_factory=list)  #: applied to every training config
     split_seed: int = 0
     progress: bool = True
+    prefix_cache_mb: float = 2048.0  #: per dataset, for the frozen encoder prefix (0 = off)
 
 
 # ---------------------------------------------------------------------------------- one cell
@@ -207,8 +211,18 @@ def _write_json_atomic(path: Path, obj: Any) -> None:
     tmp.replace(path)
 
 
-def run_cell(spec: ReproduceSpec, root: Path, method: str, seed: int) -> dict[str, Any]:
-    """Train (unless zero-shot) and evaluate one cell; returns its record (also on disk)."""
+def run_cell(
+    spec: ReproduceSpec,
+    root: Path,
+    method: str,
+    seed: int,
+    prefix_cache: PrefixCache | None = None,
+) -> dict[str, Any]:
+    """Train (unless zero-shot) and evaluate one cell; returns its record (also on disk).
+
+    ``prefix_cache`` is shared by the cells of one dataset: every method starts from the same
+    frozen encoder prefix, so its output per training / test image is computed once (exact; the
+    cache checks the weights, see :mod:`medsa.sam.prefix_cache`)."""
     import torch
 
     from medsa.adapters import count_parameters
@@ -239,9 +253,13 @@ def run_cell(spec: ReproduceSpec, root: Path, method: str, seed: int) -> dict[st
         split = make_split(cfg, list(info.case_ids))
     else:
         train_set, _val, split = build_datasets(cfg, model)
-        trainer = Trainer(cfg, train_set, None, model=model)
+        trainer = Trainer(cfg, train_set, None, model=model, prefix_cache=prefix_cache)
         summary = trainer.fit()
         model, train_s, steps = trainer.model, float(summary["seconds"]), int(summary["steps"])
+    if prefix_cache is not None:
+        from .perf import attach_prefix_cache
+
+        attach_prefix_cache(model, 0, prefix_cache)
     test = list(split["test"])
     if spec.preset.test_cases is not None:
         test = test[: spec.preset.test_cases]
@@ -286,6 +304,18 @@ def _case_std(rows: list[dict[str, Any]], protocol: str) -> float:
 # ---------------------------------------------------------------------------------- whole run
 
 
+def _new_prefix_cache(spec: ReproduceSpec) -> PrefixCache | None:
+    """One dataset's cache of the encoder prefix before the preset's first adapted block."""
+    from medsa.sam.prefix_cache import PrefixCache
+
+    if spec.preset.blocks is None or spec.prefix_cache_mb <= 0:
+        return None
+    first = min(int(b) for b in re.findall(r"\d+", str(spec.preset.blocks)))  # 1-based
+    if first < 2:
+        return None
+    return PrefixCache(first - 1, int(spec.prefix_cache_mb * 2**20))
+
+
 def plan(spec: ReproduceSpec) -> tuple[list[tuple[Path, str, int]], list[dict[str, Any]]]:
     """The cells to run, in order: (dataset folder, method, seed), and the datasets that cannot
     be used (unreadable, or too few cases for the split). 3D-only methods skip 2D sets."""
@@ -316,9 +346,12 @@ def run_reproduce(spec: ReproduceSpec) -> dict[str, Any]:
     spec.out.mkdir(parents=True, exist_ok=True)
     records = []
     cells, skipped = plan(spec)
+    cache: PrefixCache | None = None
     for i, (root, method, seed) in enumerate(cells):
+        if cache is None or cells[i - 1][0] != root:  # cells are dataset-major
+            cache = _new_prefix_cache(spec)
         try:
-            rec = run_cell(spec, root, method, seed)
+            rec = run_cell(spec, root, method, seed, cache)
         except DataError as e:  # e.g. a dataset too small to split: report it, go on
             skipped.append({"dataset": root.name, "method": method, "seed": seed, "why": str(e)})
             continue
@@ -356,6 +389,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", help="output folder (default runs/reproduce_<preset>)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="training-config override applied to every cell (repeatable)")  # fmt: skip
+    p.add_argument(
+        "--prefix-cache-mb",
+        type=float,
+        default=2048.0,
+        help="memory per dataset for the frozen encoder blocks' output, shared by "
+        "the methods (0 = off; results are the same either way)",
+    )
     p.add_argument("--dry-run", action="store_true", help="print the cells and exit")
 
 
@@ -402,7 +442,18 @@ def spec_from_args(args: argparse.Namespace) -> ReproduceSpec:
     except ValueError:
         raise ConfigError(f"--seeds must be integers, got {args.seeds!r}") from None
     out = Path(args.out or f"runs/reproduce_{preset.name}")
-    return ReproduceSpec(preset, roots, methods, protocols, seeds, out, list(args.overrides))
+    if not args.prefix_cache_mb >= 0:
+        raise ConfigError("--prefix-cache-mb must be >= 0")
+    return ReproduceSpec(
+        preset,
+        roots,
+        methods,
+        protocols,
+        seeds,
+        out,
+        list(args.overrides),
+        prefix_cache_mb=args.prefix_cache_mb,
+    )
 
 
 def main(args: argparse.Namespace) -> int:

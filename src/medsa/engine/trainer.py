@@ -11,7 +11,7 @@ import csv
 import math
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -34,6 +34,9 @@ from .train_step import (
     sample_prompts,
 )
 from .train_validate import ValidationMixin
+
+if TYPE_CHECKING:
+    from medsa.sam.prefix_cache import PrefixCache
 
 __all__ = ["Trainer"]
 
@@ -68,6 +71,8 @@ class Trainer(CheckpointMixin, ValidationMixin):
         val_set: same items, for validation Dice (optional).
         model: a pre-built model with the method applied (default: :func:`build_model`).
         dist: this process's place in a DDP job (default: single process).
+        prefix_cache: a :class:`~medsa.sam.prefix_cache.PrefixCache` to share with other runs
+            on the same images (``medsa reproduce``); default: one of ``train.prefix_cache_mb``.
     """
 
     def __init__(
@@ -77,9 +82,10 @@ class Trainer(CheckpointMixin, ValidationMixin):
         val_set: Any | None = None,
         model: nn.Module | None = None,
         dist: DistInfo | None = None,
+        prefix_cache: PrefixCache | None = None,
     ) -> None:
         from .losses import LossConfig, build_loss
-        from .perf import resolve_device
+        from .perf import attach_prefix_cache, resolve_device
 
         self.cfg = cfg
         self.dist = dist or DistInfo(0, 1, 0, resolve_device(cfg.train.device))
@@ -95,6 +101,10 @@ class Trainer(CheckpointMixin, ValidationMixin):
         self.model = (model if model is not None else build_model(cfg)).to(self.device)
         self.multiclass = _multiclass(self.model)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
+        mb = cfg.train.prefix_cache_mb
+        if mb is None:
+            mb = 2048.0 if self.device.type == "cpu" else 0.0
+        self.prefix_cache = attach_prefix_cache(self.model, mb, prefix_cache)
         if not self.params:
             raise ConfigError(
                 f"method {cfg.method['method']!r} trains no parameters; nothing to do "

@@ -24,6 +24,7 @@ from .fast_attention import (
     get_rel_pos,
     rel_pos_attention,
 )
+from .prefix_cache import PrefixCache, prefix_is_frozen
 
 __all__ = [
     "VIT_PRESETS",
@@ -308,7 +309,9 @@ class ImageEncoderViT(nn.Module):
 
     Inputs of another size than ``config.img_size`` are accepted (absolute positions are resized
     bicubically, relative-position tables linearly); official weights are only trained at 1024.
-    Set ``grad_checkpointing = True`` to recompute block activations in the backward pass.
+    Set ``grad_checkpointing = True`` to recompute block activations in the backward pass, and
+    ``prefix_cache`` to a :class:`~medsa.sam.prefix_cache.PrefixCache` to reuse the frozen
+    blocks' output per image.
     """
 
     def __init__(self, config: ViTConfig | None = None) -> None:
@@ -318,6 +321,7 @@ class ImageEncoderViT(nn.Module):
         self.img_size = cfg.img_size
         self.patch_size = cfg.patch_size
         self.grad_checkpointing = False
+        self.prefix_cache: PrefixCache | None = None
         grid = cfg.img_size // cfg.patch_size
 
         self.patch_embed = PatchEmbed(
@@ -374,12 +378,31 @@ class ImageEncoderViT(nn.Module):
 
     def forward(self, x: torch.Tensor, depth: int | None = None) -> torch.Tensor:
         """Encode ``x: (B, 3, S, S)``; ``depth`` (slices per volume) is passed to every block."""
+        cache = self.prefix_cache
+        k = cache.start_block if cache is not None else 0
+        if cache is not None and 0 < k <= len(self.blocks) and not x.requires_grad:
+            mods = [self.patch_embed, *self.blocks[:k]]
+            extra = [self.pos_embed] if self.pos_embed is not None else []
+            if prefix_is_frozen(mods, extra):
+                h = cache.features(x, mods, lambda im: self._blocks(self._embed(im), 0, k), extra)
+                return self.neck(self._blocks(h, k, len(self.blocks), depth).permute(0, 3, 1, 2))
+        x = self._blocks(self._embed(x), 0, len(self.blocks), depth)
+        return self.neck(x.permute(0, 3, 1, 2))
+
+    def _embed(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, 3, S, S)`` -> ``(B, S/p, S/p, C)`` tokens with absolute positions."""
         x = self.patch_embed(x)
         if self.pos_embed is not None:
             x = x + self._pos_embed(x.shape[1], x.shape[2])
-        for blk in self.blocks:
+        return x
+
+    def _blocks(
+        self, x: torch.Tensor, start: int, stop: int, depth: int | None = None
+    ) -> torch.Tensor:
+        """Blocks ``start .. stop-1`` on ``(B, H, W, C)`` tokens."""
+        for blk in self.blocks[start:stop]:
             if self.grad_checkpointing and self.training and torch.is_grad_enabled():
                 x = torch.utils.checkpoint.checkpoint(blk, x, depth, use_reentrant=False)
             else:
                 x = blk(x, depth)
-        return self.neck(x.permute(0, 3, 1, 2))
+        return x

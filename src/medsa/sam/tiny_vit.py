@@ -59,6 +59,7 @@ from ..errors import ConfigError
 from .common import LayerNorm2d
 from .fast_attention import ATTENTION_IMPLS, _compiled_flex_attention
 from .image_encoder import window_partition, window_unpartition
+from .prefix_cache import PrefixCache, prefix_is_frozen
 
 __all__ = ["LITE_MEDSAM_TINYVIT", "Attention", "TinyViT", "TinyViTBlock", "TinyViTConfig"]
 
@@ -107,8 +108,9 @@ class Conv2d_BN(nn.Sequential):  # noqa: N801 (name kept from TinyViT for recogn
     training freezes the backbone and calls ``model.train()``; without this the pretrained
     statistics would drift towards the fine-tuning batches.
 
-    In eval mode with ``fold = True`` (the default; :meth:`TinyViT.set_attention_impl` clears it
-    for ``"explicit"``) the BatchNorm is folded into the convolution: one ``conv2d`` with the
+    In eval mode, or with a frozen BatchNorm in train mode, and ``fold = True`` (the default;
+    :meth:`TinyViT.set_attention_impl` clears it for ``"explicit"``) the BatchNorm is folded
+    into the convolution: one ``conv2d`` with the
     weight and bias of :meth:`folded` instead of a convolution and a normalisation pass.
     """
 
@@ -126,7 +128,8 @@ class Conv2d_BN(nn.Sequential):  # noqa: N801 (name kept from TinyViT for recogn
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bn = self.bn
-        if self.fold and not bn.training and bn.track_running_stats:
+        frozen_stats = not bn.training or not bn.weight.requires_grad
+        if self.fold and frozen_stats and bn.track_running_stats:
             c = self.c
             w, b = self.folded()
             return F.conv2d(x, w, b, c.stride, c.padding, c.dilation, c.groups)
@@ -451,7 +454,10 @@ class TinyViT(nn.Module):
     """TinyViT encoder: ``(B, 3, S, S)`` -> ``(B, out_chans, S', S')`` (LiteMedSAM: 256 -> 64).
 
     Set ``grad_checkpointing = True`` to recompute each stage's activations in the backward pass
-    (active in train mode with grad enabled), as for :class:`~medsa.sam.image_encoder.ImageEncoderViT`.
+    (active in train mode with grad enabled), as for :class:`~medsa.sam.image_encoder.ImageEncoderViT`,
+    and ``prefix_cache`` to a :class:`~medsa.sam.prefix_cache.PrefixCache` to reuse the output of
+    the frozen stages per image (block numbers as ``medsa.adapters.encoder_blocks``: attention
+    blocks only).
     """
 
     def __init__(self, config: TinyViTConfig | None = None) -> None:
@@ -460,6 +466,7 @@ class TinyViT(nn.Module):
         self.config = cfg
         self.img_size = cfg.img_size
         self.grad_checkpointing = False
+        self.prefix_cache: PrefixCache | None = None
         res = cfg.resolutions()
         n = len(cfg.depths)
         self.patch_embed = PatchEmbed(cfg.in_chans, cfg.embed_dims[0])
@@ -537,12 +544,61 @@ class TinyViT(nn.Module):
             # NHWC for the convolutional stages: oneDNN's native layout (no reorders around each
             # conv), and the token grids that follow are NHWC in memory anyway.
             x = x.contiguous(memory_format=torch.channels_last)
-        x = self.patch_embed(x)
-        for layer in self.layers:
-            if self.grad_checkpointing and self.training and torch.is_grad_enabled():
-                x = torch.utils.checkpoint.checkpoint(layer, x, depth, use_reentrant=False)
-            else:
-                x = layer(x, depth)
+        cache = self.prefix_cache
+        where = self._locate(cache.start_block) if cache is not None else None
+        if cache is not None and where is not None and not x.requires_grad:
+            li, bj = where
+            mods: list[nn.Module] = [self.patch_embed, *self.layers[:li]]
+            mods += list(self.layers[li].blocks[:bj])
+            if prefix_is_frozen(mods):
+                h = cache.features(x, mods, lambda im: self._run(im, None, where))
+                return self._finish(self._run(h, where, None, depth))
+        return self._finish(self._run(x, None, None, depth))
+
+    def _locate(self, block: int) -> tuple[int, int] | None:
+        """(layer, block-in-layer) of attention block ``block`` (0-based); the number of blocks
+        gives the end of the last stage; None before the first block or past the end."""
+        if block < 1:
+            return None
+        for li, layer in enumerate(self.layers[1:], start=1):
+            n = len(layer.blocks)
+            if block < n or (block == n and li == len(self.layers) - 1):
+                return li, block
+            block -= n
+        return None
+
+    def _run(
+        self,
+        x: torch.Tensor,
+        start: tuple[int, int] | None,
+        stop: tuple[int, int] | None,
+        depth: int | None = None,
+    ) -> torch.Tensor:
+        """Run from ``start`` (None: the image, through the patch embedding) up to, not
+        including, ``stop`` (None: the end of the last stage); positions as :meth:`_locate`."""
+        ckpt = self.grad_checkpointing and self.training and torch.is_grad_enabled()
+        if start is None:
+            x = self.patch_embed(x)
+            start = (0, 0)
+        end = stop if stop is not None else (len(self.layers), 0)
+        for li in range(start[0], min(end[0] + 1, len(self.layers))):
+            layer = self.layers[li]
+            first = start[1] if li == start[0] else 0
+            whole = first == 0 and li < end[0]
+            if whole:
+                if ckpt:
+                    x = torch.utils.checkpoint.checkpoint(layer, x, depth, use_reentrant=False)
+                else:
+                    x = layer(x, depth)
+                continue
+            last = end[1] if li == end[0] else len(layer.blocks)
+            for blk in layer.blocks[first:last]:
+                x = blk(x, depth)
+            if li < end[0] and layer.downsample is not None:
+                x = layer.downsample(x)
+        return x
+
+    def _finish(self, x: torch.Tensor) -> torch.Tensor:
         b, _, c = x.shape
         r = self.embedding_size
         # contiguous(): callers get the usual NCHW layout whichever path ran

@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from medsa._fs import atomic_write_text
 from medsa.errors import DataError, MedsaError
 
 if TYPE_CHECKING:
@@ -311,9 +312,7 @@ def main(args: argparse.Namespace) -> int:
         out = Path(args.json)
         try:
             out.parent.mkdir(parents=True, exist_ok=True)
-            tmp = out.with_name(f".{out.name}.tmp")
-            tmp.write_text(json.dumps(report.to_dict(), indent=2))
-            os.replace(tmp, out)
+            atomic_write_text(out, json.dumps(report.to_dict(), indent=2))
         except OSError as e:
             raise DataError(f"{out}: cannot write the JSON report ({e})") from None
         print(f"report written to {out}", file=sys.stderr)

@@ -21,13 +21,13 @@ from __future__ import annotations
 
 import copy
 import os
-import uuid
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from medsa._fs import atomic_write
 from medsa.errors import DataError
 
 __all__ = ["write_dicom_seg", "read_dicom_seg", "load_series", "sort_series", "segment_names"]
@@ -241,15 +241,10 @@ def write_dicom_seg(
         p.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise DataError(f"{p}: cannot create the output folder ({e})") from None
-    tmp = p.parent / f".{p.name}.{uuid.uuid4().hex[:8]}.tmp"
     try:
-        seg.save_as(str(tmp))
-        os.replace(tmp, p)
+        atomic_write(p, lambda tmp: seg.save_as(tmp))
     except Exception as e:
         raise DataError(f"{p}: cannot write DICOM-SEG ({type(e).__name__}: {e})") from e
-    finally:
-        if tmp.exists():
-            tmp.unlink()
     return p
 
 

@@ -24,7 +24,6 @@ from __future__ import annotations
 import contextlib
 import locale
 import os
-import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +31,7 @@ from typing import Any
 
 import numpy as np
 
+from medsa._fs import atomic_write
 from medsa.errors import DataError
 
 __all__ = [
@@ -594,18 +594,17 @@ def write_image(
     except OSError as e:
         raise DataError(f"{p}: cannot create the output folder ({e})") from None
     suffix = ".nii.gz" if name.endswith(".nii.gz") else p.suffix
-    tmp = p.parent / f".{p.name}.{uuid.uuid4().hex[:8]}.tmp{suffix}"
-    try:
+
+    def write(tmp: str) -> None:
         with _keep_locale():
-            writer(img, tmp, fmt)
-        os.replace(tmp, p)
+            writer(img, Path(tmp), fmt)
+
+    try:
+        atomic_write(p, write, suffix=suffix)
     except DataError:
         raise
     except Exception as e:
         raise DataError(f"{p}: cannot write {fmt} file ({type(e).__name__}: {e})") from e
-    finally:
-        if tmp.exists():
-            tmp.unlink()
     return p
 
 

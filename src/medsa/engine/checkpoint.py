@@ -17,16 +17,15 @@ and is the source of truth for resuming.
 
 from __future__ import annotations
 
-import os
 import pickle
 import random
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from medsa._fs import atomic_write
 from medsa.errors import CheckpointError
 
 __all__ = [
@@ -47,36 +46,17 @@ _REQUIRED = ("format", "format_version", "config", "model", "optimizer", "schedu
              "batch_in_epoch", "step")  # fmt: skip
 
 
-def _fsync_dir(path: Path) -> None:
-    # Make the rename itself durable (POSIX); not possible / needed on every platform.
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def atomic_torch_save(obj: Any, path: str | Path) -> Path:
-    """``torch.save(obj)`` to a temporary file in the same folder, fsync, then ``os.replace``."""
+    """``torch.save(obj)`` to a temporary file in the same folder, fsync, then ``os.replace``
+    (:func:`medsa._fs.atomic_write`)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
+
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as f:
             torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-    return path
+
+    return atomic_write(path, write, fsync=True)
 
 
 def capture_rng_state() -> dict[str, Any]:

@@ -585,10 +585,9 @@ def write_overlay(
         for (x, y), lb in zip(p.points, p.labels, strict=True):
             c = (0, 255, 0) if lb == 1 else (255, 0, 0)
             draw.ellipse([x - r, y - r, x + r, y + r], fill=c, outline=(255, 255, 255))
-    tmp = path.with_name(path.name + ".tmp.png")
-    pil.save(tmp)
-    tmp.replace(path)
-    return path
+    from medsa._fs import atomic_write
+
+    return atomic_write(path, lambda tmp: pil.save(tmp, format="PNG"))
 
 
 # --------------------------------------------------------------------------- CLI

@@ -19,6 +19,8 @@ from typing import Any
 
 import numpy as np
 
+from medsa._fs import atomic_write, atomic_write_text
+
 __all__ = [
     "CSV_FIELDS",
     "PROTOCOL_TITLES",
@@ -47,34 +49,22 @@ PROTOCOL_TITLES: dict[str, str] = {
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        tmp.replace(path)
-    except OSError as e:  # name the target, not the temporary file
-        raise OSError(e.errno, e.strerror, str(path)) from e
-    finally:
-        tmp.unlink(missing_ok=True)  # a failed write (full disk) leaves no partial file
+    atomic_write_text(path, text)
 
 
 def write_csv(rows: Sequence[Mapping[str, Any]], path: str | Path) -> Path:
     """Write the per-case rows (``CSV_FIELDS``; NaN HD95 written as empty) atomically."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        with tmp.open("w", newline="", encoding="utf-8") as f:
+
+    def write(tmp: str) -> None:
+        with open(tmp, "w", newline="", encoding="utf-8") as f:
             w = csv.DictWriter(f, fieldnames=list(CSV_FIELDS), extrasaction="ignore")
             w.writeheader()
             for r in rows:
                 w.writerow(
                     {k: ("" if isinstance(v, float) and math.isnan(v) else v) for k, v in r.items()}
                 )
-        tmp.replace(path)
-    except OSError as e:  # name the target, not the temporary file
-        raise OSError(e.errno, e.strerror, str(path)) from e
-    finally:
-        tmp.unlink(missing_ok=True)  # a failed write (full disk) leaves no partial file
-    return path
+
+    return atomic_write(path, write)
 
 
 def _mean_std(values: Sequence[float]) -> dict[str, float]:

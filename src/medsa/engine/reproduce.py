@@ -205,10 +205,10 @@ def _signature(spec: ReproduceSpec, root: Path, method: str, seed: int) -> str:
 
 
 def _write_json_atomic(path: Path, obj: Any) -> None:
+    from medsa._fs import atomic_write_text
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    tmp.replace(path)
+    atomic_write_text(path, json.dumps(obj, indent=2) + "\n")
 
 
 def run_cell(

@@ -16,13 +16,13 @@ from __future__ import annotations
 import json
 import os
 import threading
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from medsa._fs import atomic_write_text
 from medsa.errors import MedsaError, PromptError
 
 from .paths import AccessDenied, RootSet, image_suffix, safe_output_name
@@ -181,12 +181,7 @@ class OutputFolder:
             "labels": {o.name: o.label for o in objects},
             "background": 0,
         }
-        tmp = dest.parent / f".{dest.name}.{uuid.uuid4().hex[:8]}.tmp"
-        try:
-            tmp.write_text(json.dumps(doc, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-            os.replace(tmp, dest)
-        finally:
-            tmp.unlink(missing_ok=True)
+        atomic_write_text(dest, json.dumps(doc, indent=2, ensure_ascii=False) + "\n")
         self.written(dest)
         return dest
 

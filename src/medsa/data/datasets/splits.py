@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
+from medsa._fs import atomic_write_text
 from medsa.errors import ConfigError, DataError
 
 __all__ = ["make_splits", "train_val_test_split", "save_splits", "load_splits"]
@@ -83,10 +84,7 @@ def save_splits(
     """Write splits as JSON (atomically)."""
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_name(f".{p.name}.tmp")
-    tmp.write_text(json.dumps(splits, indent=2))
-    os.replace(tmp, p)
-    return p
+    return atomic_write_text(p, json.dumps(splits, indent=2))
 
 
 def load_splits(

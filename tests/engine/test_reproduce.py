@@ -120,8 +120,8 @@ def test_finished_cells_are_not_run_again(datasets, tmp_path, monkeypatch):
     ran = []
     real_run_cell = rp.run_cell
 
-    def spy(spec_, root, method, seed):
-        rec = real_run_cell(spec_, root, method, seed)
+    def spy(spec_, root, method, seed, cache=None):
+        rec = real_run_cell(spec_, root, method, seed, cache)
         ran.append((method, seed, bool(rec.get("cached"))))
         return rec
 

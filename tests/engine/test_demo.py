@@ -63,3 +63,12 @@ def test_demo_on_bundled_sample_with_real_litemedsam(capsys: pytest.CaptureFixtu
     assert "DSB2018-nuclei (bundled)" in out and "Dice" in out
     mean = float(re.search(r"mean Dice over datasets: ([0-9.]+)", out).group(1))
     assert mean > 0.75, out
+
+
+def test_demo_refuses_a_backbone_without_weights(capsys: pytest.CaptureFixture[str]) -> None:
+    """As predict / evaluate / serve: no silent Dice table from a random model."""
+    assert cli_main(["demo", "--sample", "--backbone", "vit_tiny", "--cases", "1"]) == 1
+    err = capsys.readouterr().err
+    assert "'vit_tiny' has no weights" in err and "--random-weights" in err
+    assert cli_main(["demo", "--sample", "--checkpoint", "/no/such/file.pth"]) == 1
+    assert "does not exist" in capsys.readouterr().err

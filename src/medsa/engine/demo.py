@@ -23,6 +23,8 @@ import numpy as np
 
 from medsa.errors import ConfigError, DataError
 
+from .model_loading import RANDOM_WEIGHTS_HELP, check_weights
+
 HELP = "LiteMedSAM + box prompts on bundled / shared datasets; prints a Dice table"
 
 #: datasets of ../shared/data used by default (2D, one target each, quick on a CPU)
@@ -145,6 +147,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backbone", default="lite_medsam", help="SAM backbone (default: lite_medsam)")
     p.add_argument("--checkpoint", type=Path, help="backbone weights (default: the shipped ones)")
     p.add_argument("--seed", type=int, default=0, help="case sampling and prompt seed")
+    p.add_argument("--random-weights", action="store_true", help=RANDOM_WEIGHTS_HELP)
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
 
 
@@ -155,6 +158,7 @@ def main(args: argparse.Namespace) -> int:
 
     if args.cases < 1:
         raise ConfigError("--cases must be >= 1")
+    check_weights(args.backbone, args.checkpoint, args.random_weights)
     protocols = tuple(p.strip() for p in args.protocols.split(",") if p.strip())
     cfg = EvalConfig(protocols=protocols, seeds=(args.seed,), noc_clicks=0, worst_k=0)
 

@@ -238,6 +238,26 @@ RANDOM_WEIGHTS_HELP = (
 )
 
 
+def check_weights(name: str, checkpoint: Path | str | None, random_weights: bool) -> bool:
+    """Refuse a backbone that would keep random weights (no ``checkpoint`` and none shipped)
+    unless ``random_weights``; returns whether it is such an unweighted backbone.
+
+    Raises:
+        ConfigError: unknown backbone, or random weights without ``random_weights``.
+        CheckpointError: ``checkpoint`` does not exist.
+    """
+    from medsa.errors import CheckpointError
+    from medsa.sam.build import get_config
+
+    if checkpoint is not None and not Path(checkpoint).exists():
+        raise CheckpointError(f"checkpoint {checkpoint} does not exist")
+    get_config(name)  # an unknown name is reported as such, before the weights question
+    unweighted = checkpoint is None and name not in SHIPPED_WEIGHTS
+    if unweighted and not random_weights:
+        raise ConfigError(_no_weights_message(name, None))
+    return unweighted
+
+
 def build_inference_model(
     settings: InferenceSettings, device: Any, random_weights: bool = False
 ) -> Any:
@@ -252,17 +272,10 @@ def build_inference_model(
         ConfigError: random weights without ``random_weights=True``.
         CheckpointError: missing / unreadable / mismatching checkpoint or adapter.
     """
-    from medsa.errors import CheckpointError
     from medsa.sam import build_sam
-    from medsa.sam.build import get_config
 
-    if settings.checkpoint is not None and not Path(settings.checkpoint).exists():
-        raise CheckpointError(f"checkpoint {settings.checkpoint} does not exist")
     name, adapter = settings.backbone, settings.adapter
-    get_config(name)  # an unknown name is reported as such, before the weights question
-    unweighted = settings.checkpoint is None and name not in SHIPPED_WEIGHTS
-    if unweighted and not random_weights and adapter is None:
-        raise ConfigError(_no_weights_message(name, adapter))
+    unweighted = check_weights(name, settings.checkpoint, random_weights or adapter is not None)
     model = build_sam(name, checkpoint=settings.checkpoint, **settings.model_options)
     if adapter is not None:
         from medsa.adapters import load_adapter

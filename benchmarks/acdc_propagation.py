@@ -25,7 +25,7 @@ import torch
 
 from medsa.data.io import read_image
 from medsa.data.prompts import get_protocol
-from medsa.engine.evaluate import _rng
+from medsa.engine.eval_case import _rng
 from medsa.engine.metrics import MetricConfig, compute_metrics
 from medsa.engine.propagate import VolumePropagator
 from medsa.engine.report import summarize

@@ -21,8 +21,8 @@ from medsa.errors import MedsaError
 COMMANDS: dict[str, str] = {
     "demo": "medsa.engine.demo",
     "train": "medsa.engine.train",
-    "evaluate": "medsa.engine.evaluate",
-    "predict": "medsa.engine.predict",
+    "evaluate": "medsa.engine.evaluate_cli",
+    "predict": "medsa.engine.predict_cli",
     "reproduce": "medsa.engine.reproduce",
     "params": "medsa.adapters.cli",
     "check-data": "medsa.data.check",

@@ -14,7 +14,8 @@ import pytest
 
 from medsa.cli import main as cli_main
 from medsa.data.io import Image, write_image
-from medsa.engine.evaluate import EvalConfig, evaluate_model, write_outputs
+from medsa.engine.evaluate import EvalConfig, evaluate_model
+from medsa.engine.evaluate_cli import write_outputs
 from medsa.engine.report import markdown_table, summarize
 from medsa.errors import ConfigError, DataError
 
@@ -292,35 +293,35 @@ def test_evaluate_nan_image_names_the_file(tmp_path, capsys):
 
 def test_evaluate_refuses_to_overwrite_results_without_flag(tmp_path, capsys, monkeypatch):
     """Existing results are refused before the model is loaded; --overwrite replaces them."""
-    import medsa.engine.evaluate as ev
+    import medsa.engine.model_loading as ml
 
     data = _write_2d_dataset(tmp_path / "ds", n=1)
     out = tmp_path / "o"
     out.mkdir()
     (out / "metrics.csv").write_text("old")
     argv = ["evaluate", "--data", str(data), "--out", str(out), *FAST]
-    real = ev.load_model
+    real = ml.build_inference_model
 
     def no_model(*a, **k):
         raise AssertionError("the model must not be loaded before the output checks")
 
-    monkeypatch.setattr(ev, "load_model", no_model)
+    monkeypatch.setattr(ml, "build_inference_model", no_model)
     rc = cli_main(argv)
     err = capsys.readouterr().err
     assert rc == 1 and "metrics.csv" in err and "--overwrite" in err
     assert (out / "metrics.csv").read_text() == "old"
-    monkeypatch.setattr(ev, "load_model", real)
+    monkeypatch.setattr(ml, "build_inference_model", real)
     assert cli_main([*argv, "--overwrite"]) == 0
     assert (out / "metrics.csv").read_text().startswith("case_id")
 
 
 def test_evaluate_unwritable_out_fails_before_work(tmp_path, capsys, monkeypatch):
-    import medsa.engine.evaluate as ev
+    import medsa.engine.model_loading as ml
 
     data = _write_2d_dataset(tmp_path / "ds", n=1)
     (tmp_path / "file").write_text("x")
     out = tmp_path / "file" / "o"  # below a file: cannot be created, even as root
-    monkeypatch.setattr(ev, "load_model", lambda *a, **k: pytest.fail("model loaded"))
+    monkeypatch.setattr(ml, "build_inference_model", lambda *a, **k: pytest.fail("model loaded"))
     rc = cli_main(["evaluate", "--data", str(data), "--out", str(out), *FAST])
     err = capsys.readouterr().err
     assert rc == 1 and str(out) in err and "Traceback" not in err

@@ -176,7 +176,7 @@ def test_old_adapter_without_settings_loads_with_a_warning(trained, tmp_path):
 def test_evaluate_uses_the_stored_depth_and_refuses_a_contradicting_one(
     trained, volumes, tmp_path, capsys, monkeypatch
 ):
-    import medsa.engine.evaluate as ev
+    import medsa.engine.eval_case as ev
     from medsa.cli import main
 
     depths: list[int] = []
@@ -257,17 +257,18 @@ def test_predict_resize_2d_keeps_the_png_size(oracle, tmp_path):
 
 def test_evaluate_resize_scores_on_the_original_grid(oracle, volumes, monkeypatch):
     """Predictions made on the resized grid are scored on each case's own grid and spacing."""
+    import medsa.engine.eval_case as ec
     import medsa.engine.evaluate as ev
     from medsa.data.datasets import load_dataset
 
     seen: list[tuple] = []
-    real = ev.compute_metrics
+    real = ec.compute_metrics
 
     def spy(pred, gt, spacing, cfg):
         seen.append((pred.shape, gt.shape, tuple(spacing)))
         return real(pred, gt, spacing, cfg)
 
-    monkeypatch.setattr(ev, "compute_metrics", spy)
+    monkeypatch.setattr(ec, "compute_metrics", spy)
     info = load_dataset(volumes)
     cfg = ev.EvalConfig(protocols=("box",), noc_clicks=0, worst_k=0, resize_to=(12, 16, 16))
     res = ev.evaluate_model(oracle, info, case_ids=["case0"], config=cfg)

@@ -129,7 +129,7 @@ def _run_local(
     workers: int,
     batch_size: int,
 ) -> Iterator[tuple[int, CaseResult]]:
-    from medsa.engine import evaluate as ev
+    from medsa.engine import eval_case as ev
 
     # nothing to overlap with a single case: no process start-up cost
     executor = make_executor(min(workers, max(len(indices) - 1, 0)))
@@ -170,7 +170,7 @@ def _chunks(it: Iterator[Any], n: int) -> Iterator[list[Any]]:
 
 
 def _prepare(ds: Any, classes: list[str], cfg: Any, item: tuple[int, Any]) -> tuple[int, Any]:
-    from medsa.engine.evaluate import _prepare_case
+    from medsa.engine.eval_case import _prepare_case
 
     i, case = item
     return i, _prepare_case(ds, case, classes, cfg)
@@ -183,7 +183,7 @@ def _finish(done: Iterator[tuple[Any, Any]]) -> Iterator[tuple[int, CaseResult]]
 
 def _announce(predictor: Any, preps: list[Any], cfg: Any, batch_size: int) -> None:
     """Tell the predictor which images the next cases will set (batched encoding)."""
-    from medsa.engine.evaluate import _encoded_slices
+    from medsa.engine.eval_case import _encoded_slices
     from medsa.engine.volume_protocols import KEYSLICE_PROTOCOLS
 
     if batch_size <= 1 or not hasattr(predictor, "expect") or cfg.depth:
@@ -206,7 +206,7 @@ def _gather(done: list[tuple[int, CaseResult]], worst_k: int) -> list[tuple[int,
     """
     import torch.distributed as dist
 
-    from medsa.engine.evaluate import _worst_distinct
+    from medsa.engine.eval_case import _worst_distinct
 
     keep_ids: set[tuple[int, int]] = set()
     if worst_k:

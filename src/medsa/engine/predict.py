@@ -10,30 +10,28 @@ Outputs (in ``--out``, mirroring sub-folders of a folder input): ``<name>_mask.<
 input's format, written with ``write_image(like=input)`` so spacing / origin / direction (and the
 NIfTI header) are preserved. JPEG/BMP inputs give PNG masks (lossless); DICOM inputs give
 ``.nii.gz``. One object: 0/255 for 2D rasters, 0/1 for volumes; several objects: labels 1..K.
-``--overlay`` adds ``<name>_overlay.png``. Before the model is loaded, ``--out`` is checked to
-be writable and no existing result is replaced without ``--overwrite``. A failing file is
-reported and skipped; the exit code is 1 if any file failed.
-    )
-    p.add_argument(
 ``--overlay`` adds ``<name>_overlay.png``; ``--dicom-seg`` adds ``<name>_mask_seg.dcm`` for DICOM
-inputs (a DICOM Segmentation referencing the source series, :mod:`medsa.data.dicom_seg`). A
-failing file is reported and skipped; the exit code is 1 if any file failed.
+inputs (a DICOM Segmentation referencing the source series, :mod:`medsa.data.dicom_seg`). Before
+the model is loaded, ``--out`` is checked to be writable and no existing result is replaced
+without ``--overwrite``. A failing file is reported and skipped; the exit code is 1 if any file
+failed.
+
+Modules: :mod:`medsa.engine.predict_inputs` (inputs, prompts), this one (running one job,
+writing its outputs), :mod:`medsa.engine.predict_cli` (the command line),
+:mod:`medsa.engine.predict_pipeline` (read-ahead, batching, sharding).
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
-import json
 import sys
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from medsa.data.io import image_format, image_suffix, looks_like_dicom
+from medsa.data.io import image_format
 from medsa.data.preprocess import resize_spatial, resized_shape
 from medsa.engine.inference import (
     Prompt,
@@ -42,243 +40,28 @@ from medsa.engine.inference import (
     segment_image,
     segment_volume,
 )
-from medsa.engine.model_loading import RANDOM_WEIGHTS_HELP
-from medsa.engine.outputs import check_writable_dir, refuse_existing
-from medsa.errors import ConfigError, MedsaError, PromptError
-from medsa.export.options import add_runtime_arguments
+from medsa.errors import MedsaError, PromptError
+
+from .predict_inputs import (  # noqa: F401 (re-exported: the public predict API)
+    OUT_EXT,
+    PredictJob,
+    cli_prompt,
+    collect_inputs,
+    load_prompt_file,
+    parse_prompt_entry,
+    parse_slices,
+)
 
 HELP = "segment images, volumes and folders with point / box prompts, keeping their geometry"
 
-__all__ = ["HELP", "add_arguments", "main", "collect_inputs", "parse_prompt_entry", "PredictJob"]
-
-#: input format -> output extension
-OUT_EXT = {
-    "png": ".png",
-    "jpeg": ".png",
-    "bmp": ".png",
-    "tiff": ".tif",
-    "nifti": ".nii.gz",
-    "mha": ".mha",
-    "nrrd": ".nrrd",
-    "dicom": ".nii.gz",
-}
-
-
-@dataclass
-class PredictJob:
-    """One input to segment: ``path`` (file or DICOM folder), ``rel`` = output name stem
-    relative to ``--out`` (without extension)."""
-
-    path: Path
-    rel: Path
-    entry: Any = None  # this file's raw entry of the --prompts JSON (None -> CLI prompts)
-    explicit: bool = False  # named on the command line (not found in a folder)
-    errors: list[str] = field(default_factory=list)
-
-
-# --------------------------------------------------------------------------- inputs
-
-
-def _stem(p: Path) -> str:
-    name = p.name
-    return name[: -len(".nii.gz")] if name.lower().endswith(".nii.gz") else p.stem
-
-
-def _is_image_file(p: Path) -> bool:
-    """A single-file image or volume (DICOM slices are grouped into series separately)."""
-    suffix = image_suffix(p.name)
-    return suffix is not None and image_format(p) != "dicom"
-
-
-def _is_dicom_file(p: Path) -> bool:
-    if image_suffix(p.name) is not None:
-        return image_format(p) == "dicom"
-    return not p.suffix and looks_like_dicom(p)  # only extension-less files are sniffed
-
-
-def collect_inputs(
-    inputs: Sequence[Path], out_dir: Path | None = None
-) -> tuple[list[PredictJob], list[str]]:
-    """Expand files / folders into jobs. Returns ``(jobs, errors)`` (errors: missing inputs).
-
-    A folder is searched recursively; every directory that holds DICOM files is one series;
-    hidden files, non-image files and anything inside ``out_dir`` are skipped.
-    """
-    jobs: list[PredictJob] = []
-    errors: list[str] = []
-    out_res = out_dir.resolve() if out_dir is not None else None
-    for inp in inputs:
-        p = Path(inp)
-        if not p.exists():
-            errors.append(f"{p}: no such file or folder")
-            continue
-        if p.is_file():
-            jobs.append(PredictJob(p, Path(_stem(p)), explicit=True))
-            continue
-        found = 0
-        for d in sorted([p, *[q for q in p.rglob("*") if q.is_dir()]]):
-            if out_res is not None and (d.resolve() == out_res or out_res in d.resolve().parents):
-                continue
-            if any(part.startswith(".") for part in d.relative_to(p).parts):
-                continue
-            files = sorted(f for f in d.iterdir() if f.is_file() and not f.name.startswith("."))
-            rel_dir = d.relative_to(p)
-            if any(_is_dicom_file(f) for f in files):
-                name = d.name if d != p else p.name
-                jobs.append(PredictJob(d, (rel_dir.parent if d != p else Path()) / name))
-                found += 1
-                files = [f for f in files if not _is_dicom_file(f)]
-            for f in files:
-                if _is_image_file(f):
-                    jobs.append(PredictJob(f, rel_dir / _stem(f)))
-                    found += 1
-        if not found:
-            errors.append(f"{p}: folder contains no images")
-    # two inputs mapping to the same output name (a.png + a.jpg): keep both, disambiguate
-    seen: dict[Path, int] = {}
-    for j in jobs:
-        seen[j.rel] = seen.get(j.rel, 0) + 1
-    for j in jobs:
-        if seen[j.rel] > 1:
-            ext = "".join(j.path.suffixes).lstrip(".").replace(".", "_") or "dir"
-            j.rel = j.rel.with_name(f"{j.rel.name}_{ext}")
-    return jobs, errors
-
-
-# --------------------------------------------------------------------------- prompts
-
-
-def _numbers(text: str, n: tuple[int, ...], what: str) -> list[float]:
-    try:
-        vals = [float(v) for v in text.replace(" ", "").split(",") if v != ""]
-    except ValueError:
-        raise PromptError(f"{what} {text!r}: expected comma-separated numbers") from None
-    if len(vals) not in n:
-        shape = " or ".join({2: "x,y", 3: "x,y,label", 4: "x0,y0,x1,y1"}[k] for k in n)
-        raise PromptError(f"{what} {text!r}: expected {shape}")
-    return vals
-
-
-def cli_prompt(points: Sequence[str] | None, box: str | None) -> Prompt | None:
-    """Build the single prompt given with ``--point`` / ``--box`` (None if neither)."""
-    pts, labs = [], []
-    for s in points or []:
-        v = _numbers(s, (2, 3), "--point")
-        if len(v) == 3 and v[2] not in (0.0, 1.0):
-            raise PromptError(f"--point {s!r}: label must be 1 (positive) or 0 (negative)")
-        pts.append(v[:2])
-        labs.append(int(v[2]) if len(v) == 3 else 1)
-    b = np.array(_numbers(box, (4,), "--box"), np.float32) if box else None
-    if not pts and b is None:
-        return None
-    return Prompt(
-        points=np.array(pts, np.float32) if pts else None,
-        labels=np.array(labs) if pts else None,
-        box=b,
-    )
-
-
-def parse_slices(text: str, depth: int) -> list[int]:
-    """``"12"`` or ``"10:14"`` (inclusive) -> slice indices, checked against ``depth``."""
-    try:
-        if ":" in text:
-            a, b = (int(v) for v in text.split(":"))
-            zs = list(range(a, b + 1))
-        else:
-            zs = [int(text)]
-    except ValueError:
-        raise PromptError(f"--slice {text!r}: expected Z or Z0:Z1") from None
-    if not zs or min(zs) < 0 or max(zs) >= depth:
-        raise PromptError(
-            f"--slice {text!r} is outside the volume's {depth} slices (0..{depth - 1})"
-        )
-    return zs
-
-
-def _objects(entry: Any, where: str) -> list[Prompt]:
-    """A 2D entry: one prompt object, ``{"objects": [...]}`` or a list of prompt objects."""
-    if isinstance(entry, Mapping) and "objects" in entry:
-        entry = entry["objects"]
-    items = entry if isinstance(entry, list) else [entry]
-    if not items:
-        raise PromptError(f"{where}: empty prompt list")
-    out = []
-    for k, it in enumerate(items):
-        try:
-            p = Prompt.from_json(it)
-        except PromptError as e:
-            raise PromptError(f"{where}, object {k + 1}: {e}") from None
-        if p.empty:
-            raise PromptError(f"{where}, object {k + 1}: needs 'points' and/or 'box'")
-        out.append(p)
-    return out
-
-
-def parse_prompt_entry(
-    entry: Any, is_3d: bool, where: str
-) -> list[Prompt] | dict[int, list[Prompt]]:
-    """Parse one file's entry of the ``--prompts`` JSON.
-
-    2D: ``{"points": [[x, y, label], ...], "box": [x0, y0, x1, y1]}`` (one object), or a list
-    of such objects / ``{"objects": [...]}`` (object k -> label k+1).
-    3D: ``{"slices": {"<z>": <2D entry>, ...}}``; object k of every slice is label k+1.
-    """
-    if is_3d:
-        if not isinstance(entry, Mapping) or "slices" not in entry:
-            raise PromptError(f'{where}: a volume needs {{"slices": {{"<z>": ...}}}} prompts')
-        sl = entry["slices"]
-        if not isinstance(sl, Mapping) or not sl:
-            raise PromptError(f"{where}: 'slices' must map slice numbers to prompts")
-        out: dict[int, list[Prompt]] = {}
-        for z, e in sl.items():
-            try:
-                zi = int(z)
-            except ValueError:
-                raise PromptError(f"{where}: slice key {z!r} is not an integer") from None
-            out[zi] = _objects(e, f"{where}, slice {zi}")
-        return out
-    if isinstance(entry, Mapping) and "slices" in entry:
-        raise PromptError(f"{where}: 'slices' given for a 2D image")
-    return _objects(entry, where)
-
-
-def load_prompt_file(path: Path) -> dict[str, Any]:
-    """Read the ``--prompts`` JSON: ``{"<file>": <entry>, ...}`` (optionally under ``"files"``)."""
-    if not path.exists():
-        raise PromptError(f"prompt file {path} does not exist")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise PromptError(f"prompt file {path} is not valid JSON ({e})") from None
-    if isinstance(data, Mapping) and isinstance(data.get("files"), Mapping):
-        data = data["files"]
-    if not isinstance(data, Mapping):
-        raise PromptError(f"prompt file {path}: expected an object mapping file names to prompts")
-    return dict(data)
-
-
-def _lookup(table: Mapping[str, Any], job: PredictJob, base: Path) -> Any:
-    """Find a job's entry: by path as given, path relative to the JSON's folder, output-relative
-    name, or file name."""
-    p = job.path
-    candidates = [str(p), p.as_posix()]
-    for root in (base, Path.cwd()):
-        with contextlib.suppress(ValueError):
-            candidates.append(p.resolve().relative_to(root.resolve()).as_posix())
-    candidates += [job.rel.as_posix(), p.name]
-    for c in candidates:
-        if c in table:
-            return table[c]
-    resolved = {str((base / k).resolve()): v for k, v in table.items()}
-    if str(p.resolve()) in resolved:
-        return resolved[str(p.resolve())]
-    # a key that is a trailing part of the path ("sub/b.jpg" for /data/sub/b.jpg), if unique
-    full = "/" + p.resolve().as_posix().lstrip("/")
-    hits = [k for k in table if full.endswith("/" + k.strip("/"))]
-    if len(hits) > 1:
-        raise PromptError(f"{p}: ambiguous prompt entries {hits}; use a longer path as key")
-    return table[hits[0]] if hits else None
-
+__all__ = [
+    "HELP",
+    "PredictJob",
+    "collect_inputs",
+    "parse_prompt_entry",
+    "run_job",
+    "write_overlay",
+]
 
 # --------------------------------------------------------------------------- running
 
@@ -588,240 +371,3 @@ def write_overlay(
     from medsa._fs import atomic_write
 
     return atomic_write(path, lambda tmp: pil.save(tmp, format="PNG"))
-
-
-# --------------------------------------------------------------------------- CLI
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "inputs",
-        nargs="+",
-        type=Path,
-        metavar="INPUT",
-        help="image files, volumes (NIfTI/MHA/NRRD/DICOM folder) or folders (recursive)",
-    )
-    p.add_argument("--out", type=Path, required=True, help="output folder")
-    g = p.add_argument_group("prompts (one of)")
-    g.add_argument(
-        "--point",
-        action="append",
-        metavar="X,Y[,LABEL]",
-        help="point in pixels (x = column, y = row), label 1 positive (default) / 0 negative; repeatable",
-    )
-    g.add_argument("--box", metavar="X0,Y0,X1,Y1", help="box in pixels")
-    g.add_argument(
-        "--slice", metavar="Z|Z0:Z1", help="volumes: slice(s) the --point/--box apply to"
-    )
-    g.add_argument(
-        "--prompts",
-        type=Path,
-        metavar="JSON",
-        help="per-file prompts (see docs/evaluation.md); keys are file paths or names",
-    )
-    g.add_argument(
-        "--propagate",
-        action="store_true",
-        help="volumes: propagate the prompts of the key slice(s) (--slice, --prompts) to every "
-        "slice the object reaches (docs/propagation.md); one label per object",
-    )
-    g.add_argument(
-        "--key-mask",
-        type=Path,
-        metavar="FILE",
-        help="a mask as key, propagated (implies --propagate): 2D (H, W) for --slice Z or a "
-        "(D, H, W) label map (label k = object k; every non-empty slice is a key)",
-    )
-    g.add_argument(
-        "--min-score",
-        type=float,
-        help="--propagate: predicted IoU below which the object ends (default 0.5)",
-    )
-    g.add_argument(
-        "--everything", action="store_true", help="SAM automatic mode: label every object"
-    )
-    g.add_argument(
-        "--auto",
-        action="store_true",
-        help="no prompt: MA-SAM's multi-class head (adapter trained with num_classes)",
-    )
-    g.add_argument(
-        "--points-per-side",
-        type=int,
-        default=32,
-        help="--everything: point grid density (default 32, as SAM)",
-    )
-    p.add_argument(
-        "--backbone", help="SAM backbone (default: the adapter's backbone, else lite_medsam)"
-    )
-    p.add_argument("--checkpoint", type=Path, help="backbone weights (default: the backbone's own)")
-    p.add_argument("--random-weights", action="store_true", help=RANDOM_WEIGHTS_HELP)
-    p.add_argument("--adapter", type=Path, help="adapter saved by 'medsa train'")
-    p.add_argument(
-        "--intensity",
-        help="intensity scaling: auto, none, percentile, ct:<preset>, ct:<L>,<W> "
-        "(default: the adapter's, else auto)",
-    )
-    p.add_argument(
-        "--depth",
-        type=int,
-        help="volumes: encode chunks of N slices together (SD-Trans / MA-SAM 3D adapters); "
-        "default: the adapter's training depth, else every slice alone",
-    )
-    p.add_argument(
-        "--resize-to",
-        metavar="D,H,W|H,W",
-        help="run the model on this grid (training's data.resize_to); the mask is resampled "
-        "back to the input's grid and geometry; default: the adapter's setting, else no resize",
-    )
-    p.add_argument("--suffix", default="_mask", help="added to output names (default: _mask)")
-    p.add_argument("--overlay", action="store_true", help="also write <name>_overlay.png")
-    p.add_argument(
-        "--overwrite",
-        action="store_true",
-        help="replace results already in --out (without it the command refuses before any work)",
-    )
-    p.add_argument(
-        "--dicom-seg",
-        action="store_true",
-        help="DICOM inputs: also write <name>_mask_seg.dcm, a DICOM-SEG referencing the source "
-        "series (needs highdicom)",
-    )
-    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
-    p.add_argument(
-        "--workers",
-        type=int,
-        default=0,
-        help="processes that read the next inputs while the model runs (default 0: none)",
-    )
-    p.add_argument(
-        "--batch-size",
-        type=int,
-        default=4,
-        help="images / slices per image-encoder pass (default 4). Under torchrun every "
-        "process segments its share of the inputs",
-    )
-    add_runtime_arguments(p)
-
-
-def main(args: argparse.Namespace) -> int:
-    from medsa.engine.inference import as_predictor
-    from medsa.engine.model_loading import build_inference_model, resolve_inference
-    from medsa.engine.perf import resolve_device
-
-    n_modes = sum(
-        [
-            bool(args.point or args.box),
-            args.prompts is not None,
-            bool(args.everything),
-            bool(args.auto),
-            args.key_mask is not None,
-        ]
-    )
-    if n_modes == 0:
-        raise PromptError("no prompt: give --point/--box, --prompts FILE, --everything or --auto")
-    if n_modes > 1:
-        raise PromptError(
-            "use only one of --point/--box, --prompts, --key-mask, --everything and --auto"
-        )
-    if args.depth is not None and args.depth < 1:
-        raise ConfigError(f"--depth must be >= 1, got {args.depth}")
-    if args.points_per_side < 1:
-        raise ConfigError(f"--points-per-side must be >= 1, got {args.points_per_side}")
-    if args.propagate and (args.everything or args.auto):
-        raise PromptError("--propagate needs prompts (--point/--box with --slice, or --prompts)")
-    if args.slice and not (args.point or args.box or args.key_mask):
-        raise PromptError("--slice applies to --point/--box/--key-mask")
-    if args.out.exists() and not args.out.is_dir():
-        raise ConfigError(f"--out {args.out} exists and is not a folder")
-    cli = cli_prompt(args.point, args.box)
-    table = load_prompt_file(args.prompts) if args.prompts is not None else None
-
-    from medsa.engine.eval_pipeline import check_run_args, distributed_run
-    from medsa.engine.predict_pipeline import iter_loaded, reduce_counts
-
-    check_run_args(args.workers, args.batch_size)
-    jobs, errors = collect_inputs(args.inputs, args.out)
-    if not jobs:
-        for e in errors:
-            print(f"medsa predict: error: {e}", file=sys.stderr)
-        return 1
-    # the adapter's recorded depth / resize / intensity unless given (contradictions: error)
-    settings = resolve_inference(
-        args.adapter,
-        backbone=args.backbone,
-        checkpoint=args.checkpoint,
-        depth=args.depth,
-        resize_to=getattr(args, "resize_to", None),
-        intensity=args.intensity,
-    )
-    args.depth, args.intensity = settings.depth, settings.intensity
-    args.resize_to = settings.resize_to
-    # before loading the model: a folder we cannot write to, or results we would replace
-    check_writable_dir(args.out, "--out")
-    refuse_existing(
-        [q for j in jobs for q in output_paths(j, args) if q.resolve() != j.path.resolve()],
-        "--out",
-        args.overwrite,
-    )
-    runtime = getattr(args, "runtime", "torch")
-    with distributed_run(resolve_device("cpu" if runtime == "onnx" else args.device)) as dist_info:
-        if dist_info.is_main:  # torchrun: each process segments its share
-            for e in errors:
-                print(f"medsa predict: error: {e}", file=sys.stderr)
-        mine = jobs[dist_info.rank :: dist_info.world_size]
-        model = build_inference_model(
-            settings, dist_info.device, random_weights=args.random_weights
-        )
-        if runtime == "torch":
-            predictor = as_predictor(model)
-        else:  # ONNX Runtime behind the same predictor interface (medsa.export.runtime)
-            from medsa.export.runtime import make_predictor
-
-            predictor = make_predictor(model, runtime, onnx_dir=args.onnx_dir)
-        failed = _run_jobs(mine, predictor, args, cli, table, iter_loaded)
-        failed, n = reduce_counts([failed, len(mine)], dist_info.distributed)
-    failed += len(errors)
-    n += len(errors)
-    if dist_info.is_main:
-        print(f"{n - failed}/{n} inputs segmented" + (f", {failed} failed" if failed else ""))
-    return 1 if failed else 0
-
-
-def _run_jobs(
-    jobs: list[PredictJob],
-    predictor: Any,
-    args: argparse.Namespace,
-    cli: Prompt | None,
-    table: dict[str, Any] | None,
-    iter_loaded: Any,
-) -> int:
-    """Segment ``jobs`` (read ahead, batched, ``medsa.engine.predict_pipeline``); returns the
-    number of failed inputs (each reported on stderr)."""
-    import torch
-
-    failed = 0
-    base = args.prompts.parent if args.prompts is not None else Path.cwd()
-    for job, loaded in iter_loaded(jobs, predictor, args.intensity, args.workers, args.batch_size):
-        try:
-            if table is not None:
-                entry = _lookup(table, job, base)
-                if entry is None:
-                    raise PromptError(f"no entry for this file in {args.prompts}")
-                job.entry = entry
-            if loaded.error is not None:  # reading failed in the prefetch worker
-                raise loaded.error
-            with torch.inference_mode():
-                written = run_job(job, predictor, args, cli, loaded=loaded)
-            print(f"{job.path} -> " + ", ".join(str(w) for w in written))
-        except MedsaError as e:
-            failed += 1
-            msg = str(e) if str(job.path) in str(e) else f"{job.path}: {e}"
-            print(f"medsa predict: error: {msg}", file=sys.stderr)
-        except Exception as e:  # keep going on the other files, but say what broke
-            failed += 1
-            print(
-                f"medsa predict: error: {job.path}: unexpected {type(e).__name__}: {e}",
-                file=sys.stderr,
-            )
-    return failed

@@ -129,8 +129,21 @@ def test_finished_cells_are_not_run_again(datasets, tmp_path, monkeypatch):
     rp.run_reproduce(spec2)
     assert ran == [("zero-shot", 0, True), ("zero-shot", 1, False), ("medsa", 0, True),
                    ("medsa", 1, False)]  # fmt: skip
-    # a changed setting (budget) invalidates the cached cell
     import dataclasses
+
+    # --report-only: the table from what is finished; nothing runs, the rest is listed
+    ran.clear()
+    only = dataclasses.replace(spec2, seeds=(0, 1, 2), report_only=True)
+    res = rp.run_reproduce(only)
+    assert ran == []
+    assert sorted((r["method"], r["seed"]) for r in res["records"]) == [
+        ("medsa", 0), ("medsa", 1), ("zero-shot", 0), ("zero-shot", 1)]  # fmt: skip
+    assert sorted((s["method"], s["seed"]) for s in res["skipped"]) == [
+        ("medsa", 2),
+        ("zero-shot", 2),
+    ]
+    assert "not run yet" in (out / "table.md").read_text()
+    # a changed setting (budget) invalidates the cached cell
 
     spec3 = dataclasses.replace(spec, preset=dataclasses.replace(TINY, steps=1))
     ran.clear()

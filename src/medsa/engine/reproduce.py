@@ -148,6 +148,7 @@ class ReproduceSpec:
     split_seed: int = 0
     progress: bool = True
     prefix_cache_mb: float = 2048.0  #: per dataset, for the frozen encoder prefix (0 = off)
+    report_only: bool = False  #: write the reports from finished cells, run nothing
 
 
 # ---------------------------------------------------------------------------------- one cell
@@ -211,6 +212,22 @@ def _write_json_atomic(path: Path, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2) + "\n")
 
 
+def finished_cell(spec: ReproduceSpec, root: Path, method: str, seed: int) -> dict[str, Any] | None:
+    """The stored record of a cell finished with exactly these settings (``"cached": True``),
+    else None."""
+    cell_file = spec.out / "cells" / root.name / method / f"seed{seed}.json"
+    if not cell_file.exists():
+        return None
+    try:
+        old = json.loads(cell_file.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    if old.get("signature") != _signature(spec, root, method, seed):
+        return None
+    old["cached"] = True
+    return old
+
+
 def run_cell(
     spec: ReproduceSpec,
     root: Path,
@@ -232,16 +249,11 @@ def run_cell(
     from .train import Trainer, build_datasets, build_model, make_split
 
     name = root.name
-    cell_file = spec.out / "cells" / name / method / f"seed{seed}.json"
+    old = finished_cell(spec, root, method, seed)
+    if old is not None:
+        return old
     sig = _signature(spec, root, method, seed)
-    if cell_file.exists():
-        try:
-            old = json.loads(cell_file.read_text())
-        except (OSError, json.JSONDecodeError):
-            old = {}
-        if old.get("signature") == sig:
-            old["cached"] = True
-            return old
+    cell_file = spec.out / "cells" / name / method / f"seed{seed}.json"
     info = load_dataset(root)
     run_dir = spec.out / "cells" / name / method / f"seed{seed}_run"
     cfg = _train_config(spec, root, method, seed, run_dir, info)
@@ -348,6 +360,14 @@ def run_reproduce(spec: ReproduceSpec) -> dict[str, Any]:
     cells, skipped = plan(spec)
     cache: PrefixCache | None = None
     for i, (root, method, seed) in enumerate(cells):
+        if spec.report_only:
+            done = finished_cell(spec, root, method, seed)
+            if done is None:
+                why = "not run yet (--report-only)"
+                skipped.append({"dataset": root.name, "method": method, "seed": seed, "why": why})
+            else:
+                records.append(done)
+            continue
         if cache is None or cells[i - 1][0] != root:  # cells are dataset-major
             cache = _new_prefix_cache(spec)
         try:
@@ -395,6 +415,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=2048.0,
         help="memory per dataset for the frozen encoder blocks' output, shared by "
         "the methods (0 = off; results are the same either way)",
+    )
+    p.add_argument(
+        "--report-only",
+        action="store_true",
+        help="write table / CSV / JSON / plots from the finished cells only; cells "
+        "not run yet are listed as skipped (e.g. while another process runs them)",
     )
     p.add_argument("--dry-run", action="store_true", help="print the cells and exit")
 
@@ -453,6 +479,7 @@ def spec_from_args(args: argparse.Namespace) -> ReproduceSpec:
         out,
         list(args.overrides),
         prefix_cache_mb=args.prefix_cache_mb,
+        report_only=args.report_only,
     )
 
 

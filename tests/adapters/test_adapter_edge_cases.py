@@ -509,3 +509,25 @@ def test_medsa_activation_and_depth_residual_reach_the_modules(tiny):
     x = torch.randn(4, 3, 128, 128)
     with torch.no_grad():
         assert (literal.image_encoder(x, depth=2) - base.image_encoder(x, depth=2)).abs().max() > 0
+
+
+def test_masam_head_is_sams_decoder_run_with_class_tokens(tiny, randomize):
+    """Reference from the MASAMDecoder docstring: SAM's two-way transformer on the image
+    embedding plus the dense "no mask" embedding, class tokens as queries, the image tokens laid
+    back out as (C, h, w), upscaled x16, and one hypernetwork weight vector per class."""
+    from medsa.adapters.masam import MASAMDecoder
+
+    model = tiny(0)
+    head = MASAMDecoder(model.mask_decoder, model.prompt_encoder, 2).eval()
+    randomize(head, std=0.3)  # every weight, so that the spatial layout shows in the output
+    with torch.no_grad():
+        b, c, h, w = 2, model.mask_decoder.transformer_dim, 4, 3
+        emb = torch.randn(b, c, h, w)
+        pe = head.pe_layer((h, w)).unsqueeze(0).expand(b, -1, -1, -1)
+        tokens = head.class_tokens.unsqueeze(0).expand(b, -1, -1)
+        hs, keys = head.transformer(emb + head.dense_embed.view(1, c, 1, 1), pe, tokens)
+        feat = head.extra_upscaling(head.output_upscaling(keys.transpose(1, 2).view(b, c, h, w)))
+        weights = torch.stack([mlp(hs[:, i]) for i, mlp in enumerate(head.hypernetworks)], 1)
+        want = torch.einsum("bkm,bmyx->bkyx", weights, feat)
+        torch.testing.assert_close(head(emb), want, rtol=1e-4, atol=1e-5)
+        assert want.shape == (b, 2, 16 * h, 16 * w)

@@ -60,9 +60,7 @@ def encoder_blocks(model: nn.Module) -> list[nn.Module]:
 
 
 def _decoder_blocks(model: nn.Module) -> list[nn.Module]:
-    transformer = getattr(getattr(model, "mask_decoder", None), "transformer", None)
-    layers = getattr(transformer, "layers", [])
-    return [m for m in layers if hasattr(m, "token_adapter")]
+    return [m for m in model.mask_decoder.transformer.layers if hasattr(m, "token_adapter")]
 
 
 def _block_dim(block: nn.Module) -> int:

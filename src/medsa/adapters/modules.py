@@ -165,7 +165,6 @@ class HyPAdapter(AdapterModule):
             raise ValueError("HyP-Adpt needs mid_dim >= 2 (LayerNorm over one value is always 0)")
         self.mode = mode
         self.mid_dim = mid_dim
-        self.dim = dim
         self.num_output_tokens = int(num_output_tokens)
         # eq. (1) with the paper's shapes: the last generated weight maps straight to C
         self.paper_shapes = mode == "hyper" and shapes == "paper"

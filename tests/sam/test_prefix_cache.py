@@ -165,3 +165,14 @@ def test_lru_eviction_keeps_the_memory_budget(model) -> None:
 def test_start_block_must_leave_a_prefix() -> None:
     with pytest.raises(ValueError, match="start_block"):
         PrefixCache(0)
+
+
+def test_a_shared_cache_that_reaches_into_adapted_blocks_is_not_used(model) -> None:
+    n = len(encoder_blocks(model))
+    apply_method(model, MedSAConfig(rank=4, blocks=str(n)))  # first adapted: n - 1
+    shared = PrefixCache(n - 1)
+    assert attach_prefix_cache(model, 0, shared) is shared
+    assert attach_prefix_cache(model, 0, PrefixCache(n)) is None  # and no new one of 0 MB
+    assert model.image_encoder.prefix_cache is None
+    own = attach_prefix_cache(model, 8, PrefixCache(n))
+    assert own is not None and own.start_block == n - 1 and own.max_bytes == 8 * 2**20

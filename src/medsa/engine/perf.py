@@ -173,17 +173,18 @@ def attach_prefix_cache(
 ) -> PrefixCache | None:
     """Give ``model``'s image encoder a :class:`~medsa.sam.prefix_cache.PrefixCache` (``cache``
     if given and it starts no later than the first adapted block, else a new one of ``max_mb``
-    MB); ``None`` (and no cache) when there is no frozen prefix or ``max_mb`` is 0."""
+    MB); ``None`` (and no cache) when there is no frozen prefix, or no usable ``cache`` and
+    ``max_mb`` is 0."""
     from medsa.sam.prefix_cache import PrefixCache
 
     start = first_adapted_block(model)
-    enc = model.image_encoder
-    if start < 1 or (cache is None and max_mb <= 0):
-        enc.prefix_cache = None
-        return None
-    if cache is None or cache.start_block > start:
+    if cache is not None and cache.start_block > start:
+        cache = None  # it would cache blocks that this model adapts
+    if cache is None and start >= 1 and max_mb > 0:
         cache = PrefixCache(start, int(max_mb * 2**20))
-    enc.prefix_cache = cache
+    if start < 1:
+        cache = None
+    model.image_encoder.prefix_cache = cache
     return cache
 
 

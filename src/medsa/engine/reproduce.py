@@ -318,14 +318,16 @@ def _case_std(rows: list[dict[str, Any]], protocol: str) -> float:
 
 def _new_prefix_cache(spec: ReproduceSpec) -> PrefixCache | None:
     """One dataset's cache of the encoder prefix before the preset's first adapted block."""
+    from medsa.adapters.config import parse_blocks
     from medsa.sam.prefix_cache import PrefixCache
 
     if spec.preset.blocks is None or spec.prefix_cache_mb <= 0:
         return None
-    first = min(int(b) for b in re.findall(r"\d+", str(spec.preset.blocks)))  # 1-based
-    if first < 2:
+    # 0-based index of the first adapted block; the bound only validates (any encoder depth)
+    first = parse_blocks(spec.preset.blocks, 1 << 16)[0]
+    if first < 1:
         return None
-    return PrefixCache(first - 1, int(spec.prefix_cache_mb * 2**20))
+    return PrefixCache(first, int(spec.prefix_cache_mb * 2**20))
 
 
 def plan(spec: ReproduceSpec) -> tuple[list[tuple[Path, str, int]], list[dict[str, Any]]]:

@@ -203,3 +203,48 @@ def test_cli_cpu_preset_end_to_end(datasets, tmp_path, capsys):
     assert [r["method"] for r in js["records"]] == ["zero-shot", "medsa"]
     assert js["records"][1]["train_steps"] == 1
     assert "Budget: LiteMedSAM" in (out / "table.md").read_text()
+
+
+def test_interrupted_cell_continues_from_its_checkpoint(datasets, tmp_path, monkeypatch):
+    import dataclasses
+
+    import torch
+
+    from medsa.data.datasets import load_dataset
+    from medsa.engine import train
+
+    root = datasets[0]
+    spec = _spec(datasets[:1], tmp_path / "out", methods=("medsa",), seeds=(0,))
+    spec = dataclasses.replace(spec, preset=dataclasses.replace(TINY, steps=3))
+    first = rp.run_cell(spec, root, "medsa", 0)
+    cell = tmp_path / "out" / "cells" / root.name / "medsa"
+    (cell / "seed0.json").unlink()  # trained, but the evaluation never finished
+    fits = []
+    real_fit = train.Trainer.fit
+
+    def spy_fit(self, *a, **k):
+        fits.append(self.step)  # the step training starts from
+        return real_fit(self, *a, **k)
+
+    monkeypatch.setattr(train.Trainer, "fit", spy_fit)
+    again = rp.run_cell(spec, root, "medsa", 0)
+    assert fits == []  # the finished training is loaded, not repeated
+    assert again["dice"] == first["dice"] and again["train_steps"] == 3
+    assert again["train_seconds"] == pytest.approx(first["train_seconds"], abs=0.02)
+    # interrupted in training: the run folder's checkpoint at step 1 is continued to step 3
+    (cell / "seed0.json").unlink()
+    run_dir = cell / "seed0_run"
+    cfg = rp._train_config(spec, root, "medsa", 0, run_dir, load_dataset(root))
+    torch.manual_seed(0)  # as run_cell: the adapters' initialisation
+    model = train.build_model(cfg)
+    tset, _v, _s = train.build_datasets(cfg, model)
+    (run_dir / "train_summary.json").unlink()
+    real_fit(train.Trainer(cfg, tset, None, model=model), stop_at_step=1)
+    resumed = rp.run_cell(spec, root, "medsa", 0)
+    assert fits == [1] and resumed["train_steps"] == 3
+    assert resumed["dice"] == pytest.approx(first["dice"], abs=1e-6)  # same steps, same RNG
+    # a checkpoint written with another config is not used: training starts at step 0
+    (cell / "seed0.json").unlink()
+    other = dataclasses.replace(spec, overrides=["optim.lr=0.0005"])
+    rp.run_cell(other, root, "medsa", 0)
+    assert fits == [1, 0]

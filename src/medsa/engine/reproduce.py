@@ -11,7 +11,9 @@ Training goes through the ``medsa train`` functions (:func:`medsa.engine.train.b
 through :func:`medsa.engine.evaluate.evaluate_model`; nothing is re-implemented here.
 
 Resumable: each finished cell writes ``<out>/cells/<dataset>/<method>/seed<k>.json`` (atomic);
-a later run with the same settings loads it instead of training again.
+a later run with the same settings loads it instead of training again. A cell interrupted in
+training (or in its evaluation) continues from its run folder's last checkpoint when that was
+written with the same config.
 """
 
 from __future__ import annotations
@@ -266,8 +268,10 @@ def run_cell(
     else:
         train_set, _val, split = build_datasets(cfg, model)
         trainer = Trainer(cfg, train_set, None, model=model, prefix_cache=prefix_cache)
-        summary = trainer.fit()
-        model, train_s, steps = trainer.model, float(summary["seconds"]), int(summary["steps"])
+        train_s = _resume_interrupted(trainer, run_dir, cfg)
+        if trainer.step < trainer.total_steps:  # else trained before an interrupted evaluation
+            train_s += float(trainer.fit()["seconds"])
+        model, steps = trainer.model, trainer.step
     if prefix_cache is not None:
         from .perf import attach_prefix_cache
 
@@ -303,6 +307,41 @@ def run_cell(
     }
     _write_json_atomic(cell_file, rec)
     return rec
+
+
+def _resume_interrupted(trainer: Any, run_dir: Path, cfg: Any) -> float:
+    """Continue a cell whose training was interrupted (or finished before its evaluation was):
+    load ``run_dir``'s last checkpoint when it was written with exactly this cell's config.
+    Returns the training seconds already spent (0.0 when starting afresh)."""
+    from .checkpoint import load_train_state
+    from .config import config_to_yaml
+
+    last = run_dir / "checkpoints" / "last.pt"
+    if not last.is_file():
+        return 0.0
+    try:
+        state = load_train_state(last)
+    except Exception:  # corrupt / foreign: train again (the run folder is the cell's own)
+        return 0.0
+    if state.get("config") != config_to_yaml(cfg):
+        return 0.0
+    trainer.load_state(state)
+    return _spent_seconds(run_dir)
+
+
+def _spent_seconds(run_dir: Path) -> float:
+    """Training seconds of an earlier (partial) run of a cell: the finished run's summary, or
+    the last ``seconds`` of its log (a lower bound: up to the last logged step)."""
+    try:
+        return float(json.loads((run_dir / "train_summary.json").read_text())["seconds"])
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    try:
+        rows = (run_dir / "log.csv").read_text().splitlines()
+        head = rows[0].split(",")
+        return float(rows[-1].split(",")[head.index("seconds")])
+    except (OSError, ValueError, IndexError):
+        return 0.0
 
 
 def _case_std(rows: list[dict[str, Any]], protocol: str) -> float:

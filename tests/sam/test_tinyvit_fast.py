@@ -11,32 +11,15 @@ import copy
 import numpy as np
 import pytest
 import torch
-from sam_helpers import DATA_ROOT, randomise
+from sam_helpers import DATA_ROOT, randomise, randomise_bn_stats, tiny_tinyvit_config
 
 from medsa.engine.perf import autocast_context, set_attention_impl
 from medsa.errors import ConfigError
 from medsa.sam import SamPredictor, build_sam
 from medsa.sam.build import build_sam_from_config, get_config
-from medsa.sam.tiny_vit import Conv2d_BN, TinyViT, TinyViTConfig
+from medsa.sam.tiny_vit import Conv2d_BN, TinyViT
 
-TINY = TinyViTConfig(
-    img_size=32,
-    embed_dims=(8, 16, 24, 32),
-    depths=(1, 1, 2, 1),
-    num_heads=(1, 2, 2, 2),
-    window_sizes=(4, 4, 3, 4),  # 3 does not divide 8: window padding
-    merge_strides=(2, 2, 1),
-    out_chans=32,
-)
-
-
-def _randomise_bn_stats(module: torch.nn.Module, seed: int) -> None:
-    """Non-trivial running statistics (a fresh BN has mean 0 / var 1, which hides fold bugs)."""
-    g = torch.Generator().manual_seed(seed)
-    for m in module.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.running_mean.copy_(0.3 * torch.randn(m.running_mean.shape, generator=g))
-            m.running_var.copy_(0.5 + torch.rand(m.running_var.shape, generator=g))
+TINY = tiny_tinyvit_config()
 
 
 @pytest.fixture
@@ -44,7 +27,7 @@ def tiny_encoder() -> TinyViT:
     torch.manual_seed(0)
     enc = TinyViT(TINY)
     randomise(enc, seed=3)
-    _randomise_bn_stats(enc, seed=4)
+    randomise_bn_stats(enc, seed=4)
     return enc.eval()
 
 
@@ -84,7 +67,7 @@ def test_folded_conv_equals_conv_then_batchnorm() -> None:
     torch.manual_seed(0)
     m = Conv2d_BN(6, 6, ks=3, stride=2, pad=1, groups=3)
     randomise(m, seed=1)
-    _randomise_bn_stats(m, seed=2)
+    randomise_bn_stats(m, seed=2)
     m.eval()
     x = torch.randn(2, 6, 9, 9)
     with torch.no_grad():
@@ -139,7 +122,7 @@ def test_bf16_weights_fold_in_fp32(tiny_encoder: TinyViT) -> None:
 
 def _sam_config(impl: str):
     cfg = get_config("vit_tiny")
-    cfg.encoder = TinyViTConfig(**{**TINY.__dict__, "attention_impl": impl})
+    cfg.encoder = tiny_tinyvit_config(attention_impl=impl)
     return cfg
 
 

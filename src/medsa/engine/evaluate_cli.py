@@ -20,6 +20,7 @@ from medsa.engine.metrics import MetricConfig
 from medsa.engine.model_loading import RANDOM_WEIGHTS_HELP
 from medsa.engine.outputs import OutputError, check_writable_dir, describe_os_error, refuse_existing
 from medsa.errors import ConfigError, DataError
+from medsa.export.options import add_runtime_arguments
 
 __all__ = ["HELP", "add_arguments", "main", "write_outputs"]
 
@@ -123,6 +124,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="images / slices per image-encoder pass (default 4). Results do not depend on it. "
         "Under torchrun every process evaluates its share of the cases; rank 0 writes the report",
     )
+    add_runtime_arguments(p)
 
 
 def _csv_list(s: str | None, what: str) -> list[str]:
@@ -215,12 +217,19 @@ def main(args: argparse.Namespace) -> int:
     # before the model is loaded and anything is computed
     check_writable_dir(out, "--out")
     refuse_existing([out / name for name in OUTPUT_FILES], "--out", args.overwrite)
-    with distributed_run(resolve_device(args.device)) as dist_info:  # torchrun: this rank's share
+    runtime = getattr(args, "runtime", "torch")
+    device = resolve_device("cpu" if runtime == "onnx" else args.device)
+    with distributed_run(device) as dist_info:  # torchrun: this rank's share
         model = build_inference_model(
             settings, dist_info.device, random_weights=args.random_weights
         )
+        predictor: Any = model
+        if runtime != "torch":  # ONNX Runtime behind the predictor interface (medsa.export)
+            from medsa.export.runtime import make_predictor
+
+            predictor = make_predictor(model, runtime, onnx_dir=args.onnx_dir)
         res = evaluate_model(
-            model,
+            predictor,
             ds,
             case_ids=case_ids,
             config=cfg,

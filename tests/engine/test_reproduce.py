@@ -248,3 +248,30 @@ def test_interrupted_cell_continues_from_its_checkpoint(datasets, tmp_path, monk
     other = dataclasses.replace(spec, overrides=["optim.lr=0.0005"])
     rp.run_cell(other, root, "medsa", 0)
     assert fits == [1, 0]
+
+
+def test_method_overrides_reach_only_their_method(datasets, tmp_path):
+    """Full fine-tuning's own learning rate (the presets' ``method_overrides``): it reaches
+    that method's training config and signature, and no other method's."""
+    import dataclasses
+
+    from medsa.data.datasets import load_dataset
+
+    assert rp.PRESETS["cpu"].method_overrides["full"] == ("optim.lr=1.0e-4",)
+    root = datasets[0]
+    info = load_dataset(root)
+    plain = _spec(datasets[:1], tmp_path)
+    own = dataclasses.replace(
+        plain, preset=dataclasses.replace(TINY, method_overrides={"full": ("optim.lr=2.0e-5",)})
+    )
+    lr = {
+        (name, m): rp._train_config(s, root, m, 0, tmp_path / "r", info).optim.lr
+        for name, s in (("plain", plain), ("own", own))
+        for m in ("full", "medsa")
+    }
+    assert lr[("own", "full")] == pytest.approx(2e-5)
+    assert lr[("plain", "full")] == lr[("plain", "medsa")] == lr[("own", "medsa")] != 2e-5
+    sig = {(n, m): rp._signature(s, root, m, 0) for n, s in (("plain", plain), ("own", own))
+           for m in ("full", "medsa")}  # fmt: skip
+    assert sig[("plain", "medsa")] == sig[("own", "medsa")]  # finished cells stay valid
+    assert sig[("plain", "full")] != sig[("own", "full")]

@@ -71,7 +71,15 @@ class Preset:
     test_cases: int | None  #: evaluate the first N test cases (None = all)
     hyper_shapes: str = "square"
     note: str = ""
+    #: method -> extra ``--set`` overrides of that method only (e.g. full fine-tuning's lr)
+    method_overrides: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
+
+#: Full fine-tuning moves every pre-trained weight, so it gets MedSAM's fine-tuning learning
+#: rate (1e-4, AdamW) instead of the adapters' 1e-3 / 8e-4: the same steps and batches, a
+#: learning rate of its own, as LoRA and FacT have their own ranks. Chosen from the literature
+#: before any full fine-tuning cell ran, not tuned on these data.
+FULL_FT_LR: tuple[str, ...] = ("optim.lr=1.0e-4",)
 
 PRESETS: dict[str, Preset] = {
     "cpu": Preset(
@@ -91,6 +99,7 @@ PRESETS: dict[str, Preset] = {
         test_cases=20,
         note="LiteMedSAM (TinyViT, 256 px, shipped weights), 40 steps x batch 2 per trained "
         "cell, adapters in TinyViT blocks 9-10, first 20 test cases per dataset",
+        method_overrides={"full": FULL_FT_LR},
     ),
     "paper": Preset(
         name="paper",
@@ -104,6 +113,7 @@ PRESETS: dict[str, Preset] = {
         hyper_shapes="paper",
         note="ViT-H (set --set model.checkpoint=sam_vit_h_4b8939.pth), the paper's recipe "
         "(medsa_paper_2d: 40 epochs, SAM's loss and AdamW settings), all test cases; for GPUs",
+        method_overrides={"full": FULL_FT_LR},
     ),
 }
 
@@ -183,6 +193,7 @@ def _train_config(spec: ReproduceSpec, root: Path, method: str, seed: int, run_d
         sets.append(f"train.max_steps={p.steps}")
     if method in METHODS_3D_ONLY:
         sets.append(f"data.depth={p.depth}")
+    sets += p.method_overrides.get(method, ())
     sets += spec.overrides
     import dataclasses
 
@@ -193,7 +204,13 @@ def _train_config(spec: ReproduceSpec, root: Path, method: str, seed: int, run_d
 def _signature(spec: ReproduceSpec, root: Path, method: str, seed: int) -> str:
     blob = json.dumps(
         {
-            "preset": spec.preset.__dict__,
+            # a method's own overrides enter only its cells' signatures
+            "preset": {k: v for k, v in spec.preset.__dict__.items() if k != "method_overrides"},
+            **(
+                {"method_overrides": list(mo)}
+                if (mo := spec.preset.method_overrides.get(method))
+                else {}
+            ),
             "overrides": spec.overrides,
             "root": str(root.resolve()),
             "method": method_configs(spec.preset)[method],

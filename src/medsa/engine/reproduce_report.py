@@ -145,32 +145,37 @@ def plot_dice_per_dataset(spec: Any, records: list[dict[str, Any]], path: Path) 
 
 
 def plot_dice_vs_params(spec: Any, records: list[dict[str, Any]], path: Path) -> Path:
-    """Mean Dice over datasets against tunable parameters (log x), one line per protocol;
-    zero-shot (0 parameters) is a dashed horizontal line."""
+    """Mean Dice over datasets against tunable parameters (log x): colour = protocol, marker =
+    method (methods with nearly equal counts, e.g. LoRA and FacT, stay distinguishable without
+    overlapping labels); zero-shot (0 parameters) is a dashed horizontal line per protocol."""
+    from matplotlib.lines import Line2D
+
     plt = _plt()
     methods = _order(records, "method", list(spec.methods))
-    fig, ax = plt.subplots(figsize=(6, 4))
+    markers = dict(zip(methods, "osD^vP*Xh<>", strict=False))
+    fig, ax = plt.subplots(figsize=(6.5, 4))
     for k, prot in enumerate(spec.protocols):
         color = f"C{k}"
-        pts = []
         for m in methods:
             recs = [r for r in records if r["method"] == m]
             dice = 100 * float(np.mean([r["dice"][prot] for r in recs]))
             tun = recs[0]["tunable_params"]
             if tun == 0:
                 ax.axhline(dice, color=color, ls="--", lw=0.8)
-                continue
-            pts.append((tun, dice, m))
-        if pts:
-            ax.scatter([p[0] for p in pts], [p[1] for p in pts], color=color,
-                       label=PROTOCOL_TITLES.get(prot, prot))  # fmt: skip
-            for t, d, m in pts:
-                ax.annotate(m, (t, d), fontsize=6, xytext=(3, 2), textcoords="offset points")
+            else:
+                ax.scatter([tun], [dice], color=color, marker=markers.get(m, "o"), s=28)
+    handles = [Line2D([], [], color=f"C{k}", marker="o", ls="", label=PROTOCOL_TITLES.get(p, p))
+               for k, p in enumerate(spec.protocols)]  # fmt: skip
+    tuned = {r["method"] for r in records if r["tunable_params"] > 0}
+    handles += [Line2D([], [], color="0.3", marker=markers.get(m, "o"), ls="", label=m)
+                for m in methods if m in markers and m in tuned]  # fmt: skip
+    if set(methods) - tuned:
+        handles.append(Line2D([], [], color="0.3", ls="--", lw=0.8, label="zero-shot"))
     ax.set_xscale("log")
     ax.set_xlabel("tunable parameters")
     ax.set_ylabel("mean Dice over datasets (%)")
-    ax.set_title("dashed: zero-shot", fontsize=8)
-    ax.legend(fontsize=7)
+    ax.set_title("colour: protocol, marker: method; dashed: zero-shot", fontsize=8)
+    ax.legend(handles=handles, fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
     return _save(plt, fig, path)
 
 

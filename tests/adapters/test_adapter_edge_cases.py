@@ -284,6 +284,13 @@ def test_masam_head_starts_from_sams_tokens_and_owns_its_copies(tiny):
     assert torch.equal(dec.mask_tokens.weight, before[0])
     assert torch.equal(pe.no_mask_embed.weight, before[1])
     assert torch.equal(dec.output_hypernetworks_mlps[0](t), before_mlp)
+    # its positional encoding is a copy too (a buffer, so not among the parameters above)
+    pe_before = pe.pe_layer((4, 4)).clone()
+    with torch.no_grad():
+        for buf in head.pe_layer.buffers():
+            buf.mul_(2.0)
+    assert torch.equal(pe.pe_layer((4, 4)), pe_before)
+    assert not torch.equal(head.pe_layer((4, 4)), pe_before)
 
 
 def test_masam_class_logits_come_from_their_own_hypernetwork(tiny):
@@ -515,6 +522,8 @@ def test_masam_head_is_sams_decoder_run_with_class_tokens(tiny, randomize):
     """Reference from the MASAMDecoder docstring: SAM's two-way transformer on the image
     embedding plus the dense "no mask" embedding, class tokens as queries, the image tokens laid
     back out as (C, h, w), upscaled x16, and one hypernetwork weight vector per class."""
+    import torch.nn.functional as F
+
     from medsa.adapters.masam import MASAMDecoder
 
     model = tiny(0)
@@ -526,7 +535,11 @@ def test_masam_head_is_sams_decoder_run_with_class_tokens(tiny, randomize):
         pe = head.pe_layer((h, w)).unsqueeze(0).expand(b, -1, -1, -1)
         tokens = head.class_tokens.unsqueeze(0).expand(b, -1, -1)
         hs, keys = head.transformer(emb + head.dense_embed.view(1, c, 1, 1), pe, tokens)
-        feat = head.extra_upscaling(head.output_upscaling(keys.transpose(1, 2).view(b, c, h, w)))
+        # the two extra x2 stages of the released MA-SAM code: ConvT, LayerNorm2d, GELU, ConvT, GELU
+        up = head.extra_upscaling
+        feat = head.output_upscaling(keys.transpose(1, 2).view(b, c, h, w))
+        feat = F.gelu(up[1](F.conv_transpose2d(feat, up[0].weight, up[0].bias, stride=2)))
+        feat = F.gelu(F.conv_transpose2d(feat, up[3].weight, up[3].bias, stride=2))
         weights = torch.stack([mlp(hs[:, i]) for i, mlp in enumerate(head.hypernetworks)], 1)
         want = torch.einsum("bkm,bmyx->bkyx", weights, feat)
         torch.testing.assert_close(head(emb), want, rtol=1e-4, atol=1e-5)

@@ -138,3 +138,24 @@ def test_cli_params_from_yaml_config(tmp_path, capsys):
     data = json.loads(capsys.readouterr().out)
     assert data["method"]["fact_rank"] == 8
     assert data["adapters"]["fact"]["total"] == 2 * 768 * 8 + 12 * 2 * 8 * 8
+
+
+def test_each_adapter_kind_counts_its_tunable_parameters():
+    """The per-kind ``(total, tunable)`` column: every adapter trains after ``apply_method``;
+    freezing one kind moves exactly its parameters out of the tunable column, no other's."""
+    from medsa.adapters import AdapterModule
+
+    model = _meta("vit_b", MedSAConfig(rank=4, prompt_conditioning="hyper"))
+    before = count_parameters(model)
+    assert len(before.adapters) >= 2  # plain adapters and the prompt-conditioned ones
+    assert all(tot == tun > 0 for tot, tun in before.adapters.values())
+    kind, (n_kind, _) = next(iter(before.adapters.items()))
+    for m in model.modules():
+        if isinstance(m, AdapterModule) and m.kind == kind:
+            m.requires_grad_(False)
+    after = count_parameters(model)
+    assert after.adapters[kind] == (n_kind, 0)
+    assert {k: v for k, v in after.adapters.items() if k != kind} == {
+        k: v for k, v in before.adapters.items() if k != kind
+    }
+    assert after.tunable == before.tunable - n_kind and after.total == before.total

@@ -218,6 +218,29 @@ def test_apply_method_rejects_models_it_cannot_adapt(tiny):
         apply_method(nn.Module(), LoRAConfig())
     with pytest.raises(ConfigError, match="not a method config"):
         apply_method(tiny(0), {"method": "lora"})
+    # a block needs every adapter hook *and* an attention: a module with only `attn` is none
+    model = tiny(0)
+    n = len(encoder_blocks(model))
+    model.image_encoder.stray = nn.Module()
+    model.image_encoder.stray.attn = nn.Identity()
+    assert len(encoder_blocks(model)) == n and model.image_encoder.stray not in encoder_blocks(
+        model
+    )
+
+
+def test_ratio_sets_the_bottleneck_of_encoder_and_decoder_adapters(tiny):
+    """``ratio`` instead of ``rank``: encoder adapters get round(ratio * C), the decoder's
+    HyP-Adpt / plain adapters max(2, min(round(ratio * c), c // 4)) of the decoder width c."""
+    from medsa.adapters import MedSAConfig, apply_method, encoder_blocks
+    from medsa.adapters.apply import _decoder_blocks
+
+    model = apply_method(tiny(0), MedSAConfig(ratio=0.25, rank=None, prompt_conditioning="hyper"))
+    for blk in encoder_blocks(model):
+        c = blk.attn_adapter.down.in_features
+        assert blk.attn_adapter.down.out_features == round(0.25 * c)
+    for blk in _decoder_blocks(model):
+        c = int(blk.mlp.lin1.in_features)
+        assert blk.image_adapter.down.out_features == max(2, min(round(0.25 * c), c // 4))
 
 
 def test_split_depth_counts_volumes_and_explains_bad_batches():

@@ -199,9 +199,10 @@ def configure_trainable(model: nn.Module, cfg: MethodConfig) -> None:
             if flag:
                 getattr(model, name).requires_grad_(True)
         return
-    if getattr(cfg, "train_mask_decoder", False):
+    # every adapting method's config (Med-SA, MA-SAM, LoRA) defines both flags
+    if cfg.train_mask_decoder:
         model.mask_decoder.requires_grad_(True)
-    if getattr(cfg, "train_prompt_encoder", False):
+    if cfg.train_prompt_encoder:
         model.prompt_encoder.requires_grad_(True)
     for m in _adapter_modules(model):
         m.requires_grad_(True)

@@ -49,13 +49,11 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from medsa.adapters.config import parse_blocks
     from medsa.data.datasets import load_dataset
     from medsa.engine.config import load_config
     from medsa.engine.evaluate import EvalConfig, evaluate_model
-    from medsa.engine.reproduce import PRESETS, method_configs
+    from medsa.engine.reproduce import PRESETS, ReproduceSpec, cell_train_config, new_prefix_cache
     from medsa.engine.train import Trainer, build_datasets, build_model
-    from medsa.sam.prefix_cache import PrefixCache
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -63,19 +61,19 @@ def main(argv: list[str] | None = None) -> int:
     protocols = ("1pt", "3pt", "bbox0.75")
     ecfg = EvalConfig(protocols=protocols, seeds=(0,), noc_clicks=0, worst_k=0)
     info = load_dataset(args.data)
-    preset = PRESETS["cpu"]
-    cache = PrefixCache(parse_blocks(preset.blocks, 1 << 16)[0], 2048 * 2**20)
+    root = Path(args.data)
+    preset = dataclasses.replace(PRESETS["cpu"], steps=args.steps)
+    cache = new_prefix_cache(ReproduceSpec(preset, [root], [args.method], out=out))
     for name in args.recipes.split(","):
-        common = ["train.val_every=0", "logging.tensorboard=false", "logging.progress=false",
-                  f"data.root={args.data}", f"train.max_steps={args.steps}",
-                  f"train.out_dir={out / name}"]  # fmt: skip
-        if name.startswith("preset"):
-            sets = [*preset.overrides, *common, *RECIPES[name]]
-            cfg = load_config(preset.base, sets)
-            cfg = dataclasses.replace(cfg, method=method_configs(preset)[args.method])
+        if name.startswith("preset"):  # exactly reproduce's cell, with the recipe's overrides
+            sets = RECIPES[name]
+            spec = ReproduceSpec(preset, [root], [args.method], out=out, overrides=sets)
+            cfg = cell_train_config(spec, root, args.method, 0, out / name, info)
         else:
             sets = [*RECIPES[name], "train.batch_size=2", "prompts.clicks=1",
-                    "optim.warmup_steps=5", *common]  # fmt: skip
+                    "optim.warmup_steps=5", "train.val_every=0", "logging.tensorboard=false",
+                    "logging.progress=false", f"data.root={args.data}",
+                    f"train.max_steps={args.steps}", f"train.out_dir={out / name}"]  # fmt: skip
             cfg = load_config("lite_medsam_medsa_2d", sets)
         torch.manual_seed(0)
         model = build_model(cfg)

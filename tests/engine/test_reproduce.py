@@ -234,7 +234,7 @@ def test_interrupted_cell_continues_from_its_checkpoint(datasets, tmp_path, monk
     # interrupted in training: the run folder's checkpoint at step 1 is continued to step 3
     (cell / "seed0.json").unlink()
     run_dir = cell / "seed0_run"
-    cfg = rp._train_config(spec, root, "medsa", 0, run_dir, load_dataset(root))
+    cfg = rp.cell_train_config(spec, root, "medsa", 0, run_dir, load_dataset(root))
     torch.manual_seed(0)  # as run_cell: the adapters' initialisation
     model = train.build_model(cfg)
     tset, _v, _s = train.build_datasets(cfg, model)
@@ -265,7 +265,7 @@ def test_method_overrides_reach_only_their_method(datasets, tmp_path):
         plain, preset=dataclasses.replace(TINY, method_overrides={"full": ("optim.lr=2.0e-5",)})
     )
     lr = {
-        (name, m): rp._train_config(s, root, m, 0, tmp_path / "r", info).optim.lr
+        (name, m): rp.cell_train_config(s, root, m, 0, tmp_path / "r", info).optim.lr
         for name, s in (("plain", plain), ("own", own))
         for m in ("full", "medsa")
     }

@@ -35,7 +35,16 @@ if TYPE_CHECKING:
 
 HELP = "compare methods x datasets x seeds at equal budgets; paper-style table, CSV/JSON, plots"
 
-__all__ = ["PRESETS", "Preset", "ReproduceSpec", "method_configs", "run_reproduce"]
+__all__ = [
+    "PRESETS",
+    "Preset",
+    "ReproduceSpec",
+    "cell_train_config",
+    "finished_cell",
+    "method_configs",
+    "new_prefix_cache",
+    "run_reproduce",
+]
 
 DEFAULT_DATA = Path("../shared/data")
 PROTOCOLS_DEFAULT = ("1pt", "3pt", "bbox0.5", "bbox0.75")
@@ -172,7 +181,12 @@ def _group_pattern(case_ids: list[str]) -> str | None:
     return pat if case_ids and all(re.match(pat, c) for c in case_ids) else None
 
 
-def _train_config(spec: ReproduceSpec, root: Path, method: str, seed: int, run_dir: Path, info):
+def cell_train_config(
+    spec: ReproduceSpec, root: Path, method: str, seed: int, run_dir: Path, info: Any
+) -> Any:
+    """The training config of one cell (a :class:`~medsa.engine.config.TrainConfig`): the
+    preset's base config and overrides, the method's own overrides, ``spec.overrides``, and the
+    method section; ``run_dir`` is its ``train.out_dir``, ``info`` the loaded dataset."""
     from .config import load_config
 
     p = spec.preset
@@ -231,20 +245,29 @@ def _write_json_atomic(path: Path, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2) + "\n")
 
 
-def finished_cell(spec: ReproduceSpec, root: Path, method: str, seed: int) -> dict[str, Any] | None:
-    """The stored record of a cell finished with exactly these settings (``"cached": True``),
-    else None."""
-    cell_file = spec.out / "cells" / root.name / method / f"seed{seed}.json"
+def _cell_dir(spec: ReproduceSpec, root: Path, method: str) -> Path:
+    """``<out>/cells/<dataset>/<method>``: ``seed<k>.json`` records, ``seed<k>_run/`` runs."""
+    return spec.out / "cells" / root.name / method
+
+
+def _stored_cell(cell_file: Path, signature: str) -> dict[str, Any] | None:
     if not cell_file.exists():
         return None
     try:
         old = json.loads(cell_file.read_text())
     except (OSError, json.JSONDecodeError):
         return None
-    if old.get("signature") != _signature(spec, root, method, seed):
+    if old.get("signature") != signature:
         return None
     old["cached"] = True
     return old
+
+
+def finished_cell(spec: ReproduceSpec, root: Path, method: str, seed: int) -> dict[str, Any] | None:
+    """The stored record of a cell finished with exactly these settings (``"cached": True``),
+    else None."""
+    cell_file = _cell_dir(spec, root, method) / f"seed{seed}.json"
+    return _stored_cell(cell_file, _signature(spec, root, method, seed))
 
 
 def run_cell(
@@ -268,14 +291,14 @@ def run_cell(
     from .train import Trainer, build_datasets, build_model, make_split
 
     name = root.name
-    old = finished_cell(spec, root, method, seed)
+    sig = _signature(spec, root, method, seed)
+    cell_file = _cell_dir(spec, root, method) / f"seed{seed}.json"
+    old = _stored_cell(cell_file, sig)
     if old is not None:
         return old
-    sig = _signature(spec, root, method, seed)
-    cell_file = spec.out / "cells" / name / method / f"seed{seed}.json"
     info = load_dataset(root)
-    run_dir = spec.out / "cells" / name / method / f"seed{seed}_run"
-    cfg = _train_config(spec, root, method, seed, run_dir, info)
+    run_dir = cell_file.with_name(f"seed{seed}_run")
+    cfg = cell_train_config(spec, root, method, seed, run_dir, info)
     torch.manual_seed(seed)
     model = build_model(cfg)
     train_s = 0.0
@@ -372,7 +395,7 @@ def _case_std(rows: list[dict[str, Any]], protocol: str) -> float:
 # ---------------------------------------------------------------------------------- whole run
 
 
-def _new_prefix_cache(spec: ReproduceSpec) -> PrefixCache | None:
+def new_prefix_cache(spec: ReproduceSpec) -> PrefixCache | None:
     """One dataset's cache of the encoder prefix before the preset's first adapted block."""
     from medsa.adapters.config import parse_blocks
     from medsa.sam.prefix_cache import PrefixCache
@@ -397,7 +420,7 @@ def plan(spec: ReproduceSpec) -> tuple[list[tuple[Path, str, int]], list[dict[st
     for root in spec.datasets:
         try:
             info = load_dataset(root)
-            cfg = _train_config(spec, root, "zero-shot", 0, spec.out / "_plan", info)
+            cfg = cell_train_config(spec, root, "zero-shot", 0, spec.out / "_plan", info)
             make_split(cfg, list(info.case_ids))
         except (ConfigError, DataError) as e:
             skipped.append({"dataset": root.name, "method": "*", "seed": "*", "why": str(e)})
@@ -427,7 +450,7 @@ def run_reproduce(spec: ReproduceSpec) -> dict[str, Any]:
                 records.append(done)
             continue
         if cache is None or cells[i - 1][0] != root:  # cells are dataset-major
-            cache = _new_prefix_cache(spec)
+            cache = new_prefix_cache(spec)
         try:
             rec = run_cell(spec, root, method, seed, cache)
         except DataError as e:  # e.g. a dataset too small to split: report it, go on

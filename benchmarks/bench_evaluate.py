@@ -122,14 +122,14 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     model = build_sam(args.backbone).to(device).eval()
-    old = copy.deepcopy(model)  # the same weights (random ones for a backbone without weights)
-    set_attention_impl(old, "explicit")
-    set_attention_impl(model, args.attention)
-    fast = make_predictor(model, args.runtime)  # an ONNX export is made once, here
     cfg = EvalConfig()  # the four default protocols, seed 0, NoC 5 clicks, 4 worst cases
     variants: dict[str, dict[str, Any]] = {}
     if not args.no_before:
+        old = copy.deepcopy(model)  # the same weights (random ones for a backbone without weights)
+        set_attention_impl(old, "explicit")
         variants["before"] = {"workers": 0, "batch_size": 1, "predictor": SamPredictor(old)}
+    set_attention_impl(model, args.attention)
+    fast = make_predictor(model, args.runtime)  # an ONNX export is made once, here
     variants["sequential"] = {"workers": 0, "batch_size": 1, "predictor": fast}
     variants["pipelined"] = {"workers": args.workers, "batch_size": args.batch_size,
                              "predictor": fast}  # fmt: skip

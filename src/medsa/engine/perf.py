@@ -178,12 +178,10 @@ def attach_prefix_cache(
     from medsa.sam.prefix_cache import PrefixCache
 
     start = first_adapted_block(model)
-    if cache is not None and cache.start_block > start:
-        cache = None  # it would cache blocks that this model adapts
-    if cache is None and start >= 1 and max_mb > 0:
-        cache = PrefixCache(start, int(max_mb * 2**20))
     if start < 1:
-        cache = None
+        cache = None  # nothing frozen before the first adapted block
+    elif cache is None or cache.start_block > start:  # a given cache may reach adapted blocks
+        cache = PrefixCache(start, int(max_mb * 2**20)) if max_mb > 0 else None
     model.image_encoder.prefix_cache = cache
     return cache
 

@@ -152,7 +152,7 @@ def plot_dice_vs_params(spec: Any, records: list[dict[str, Any]], path: Path) ->
 
     plt = _plt()
     methods = _order(records, "method", list(spec.methods))
-    markers = dict(zip(methods, "osD^vP*Xh<>", strict=False))
+    markers = {m: "osD^vP*Xh<>"[i % 11] for i, m in enumerate(methods)}
     fig, ax = plt.subplots(figsize=(6.5, 4))
     for k, prot in enumerate(spec.protocols):
         color = f"C{k}"
@@ -163,12 +163,12 @@ def plot_dice_vs_params(spec: Any, records: list[dict[str, Any]], path: Path) ->
             if tun == 0:
                 ax.axhline(dice, color=color, ls="--", lw=0.8)
             else:
-                ax.scatter([tun], [dice], color=color, marker=markers.get(m, "o"), s=28)
+                ax.scatter([tun], [dice], color=color, marker=markers[m], s=28)
     handles = [Line2D([], [], color=f"C{k}", marker="o", ls="", label=PROTOCOL_TITLES.get(p, p))
                for k, p in enumerate(spec.protocols)]  # fmt: skip
     tuned = {r["method"] for r in records if r["tunable_params"] > 0}
-    handles += [Line2D([], [], color="0.3", marker=markers.get(m, "o"), ls="", label=m)
-                for m in methods if m in markers and m in tuned]  # fmt: skip
+    handles += [Line2D([], [], color="0.3", marker=markers[m], ls="", label=m)
+                for m in methods if m in tuned]  # fmt: skip
     if set(methods) - tuned:
         handles.append(Line2D([], [], color="0.3", ls="--", lw=0.8, label="zero-shot"))
     ax.set_xscale("log")

@@ -150,3 +150,145 @@ def test_inference_settings_are_stored_and_old_files_have_none(tiny, tmp_path):
     with pytest.raises(ConfigError, match="not JSON data"):
         save_adapter(model, tmp_path / "bad", inference={"depth": object()})
     assert not (tmp_path / "bad.json").exists()
+
+
+def test_adapter_state_dict_keeps_exactly_the_methods_tensors():
+    """Tunable parameters, every tensor of an adapter module (frozen ones too), and the persistent
+    buffers of components whose parameters all train; nothing of the frozen backbone."""
+    from torch import nn
+
+    from medsa.adapters import Adapter
+    from medsa.adapters.io import adapter_state_dict
+
+    class BufferOnly(nn.Module):  # frozen state without parameters (not "fully trained")
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("stat", torch.ones(2))
+
+    net = nn.Module()
+    net.trained = nn.BatchNorm1d(2)  # all parameters train: its running statistics belong too
+    net.partly = nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2))  # one frozen parameter
+    net.stats = BufferOnly()
+    net.adapter = Adapter(2, 1)
+    net.adapter.register_buffer("table", torch.zeros(3))
+    net.register_buffer("scratch", torch.zeros(1), persistent=False)
+    net.partly[0].weight.requires_grad_(False)
+    net.adapter.down.weight.requires_grad_(False)  # a frozen adapter tensor is still the method's
+
+    bn = ["weight", "bias", "running_mean", "running_var", "num_batches_tracked"]
+    assert set(adapter_state_dict(net)) == {
+        *(f"trained.{k}" for k in bn),
+        "partly.0.bias", "partly.1.weight", "partly.1.bias",
+        "adapter.down.weight", "adapter.down.bias", "adapter.up.weight", "adapter.up.bias",
+        "adapter.table",
+    }  # fmt: skip
+
+
+def test_saved_description_and_files(tiny, tmp_path):
+    from safetensors import safe_open
+
+    import medsa
+    from medsa.adapters.io import FORMAT, FORMAT_VERSION
+
+    model = apply_method(tiny(0), MedSAConfig(rank=4))
+    st = save_adapter(model, tmp_path / "deep" / "er" / "a")  # missing parent folders are made
+    text = (tmp_path / "deep" / "er" / "a.json").read_text(encoding="utf-8")
+    meta = json.loads(text)
+    assert text == json.dumps(meta, indent=2) + "\n"  # readable, diff-friendly
+    tensors = load_file(str(st))
+    assert meta["format"] == FORMAT and meta["format_version"] == FORMAT_VERSION
+    assert meta["medsa_version"] == medsa.__version__
+    assert meta["num_tensors"] == len(tensors) > 0
+    assert meta["num_parameters"] == sum(t.numel() for t in tensors.values())
+    with safe_open(str(st), "pt") as f:
+        assert f.metadata() == {"format": FORMAT}
+
+
+def test_backbone_name_is_required_to_save_and_checked_on_load(tiny, tmp_path):
+    model = apply_method(tiny(0), MedSAConfig(rank=4))
+    model.name = "custom"
+    with pytest.raises(ConfigError, match="cannot tell the backbone name"):
+        save_adapter(model, tmp_path / "a")
+    del model.name  # a model without a name at all
+    with pytest.raises(ConfigError, match="cannot tell the backbone name"):
+        save_adapter(model, tmp_path / "a")
+    save_adapter(model, tmp_path / "a", backbone="vit_tiny")
+    assert json.loads((tmp_path / "a.json").read_text(encoding="utf-8"))["backbone"] == "vit_tiny"
+    # an unnamed or "custom" model is not checked against the stored backbone name
+    for unnamed in ("custom", None):
+        fresh = tiny(0)
+        if unnamed is None:
+            del fresh.name
+        else:
+            fresh.name = unnamed
+        load_adapter(fresh, tmp_path / "a")
+    fresh = tiny(0)
+    fresh.name = "vit_b"
+    with pytest.raises(CheckpointError, match="trained on backbone 'vit_tiny', but the model is"):
+        load_adapter(fresh, tmp_path / "a")
+
+
+def test_load_from_a_backbone_name_uses_the_given_checkpoint(tiny, randomize, tmp_path):
+    model = apply_method(tiny(3), MedSAConfig(rank=4))
+    randomize(model)
+    save_adapter(model, tmp_path / "a")
+    torch.save(tiny(3).state_dict(), tmp_path / "backbone.pth")
+    restored = load_adapter("vit_tiny", tmp_path / "a", checkpoint=tmp_path / "backbone.pth")
+    for a, b in zip(_outputs(model), _outputs(restored), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_loaded_tensors_take_the_models_dtype(tiny, randomize, tmp_path):
+    model = apply_method(tiny(0), MedSAConfig(rank=4))
+    randomize(model)
+    save_adapter(model, tmp_path / "a")
+    restored = load_adapter(tiny(0).double(), tmp_path / "a")
+    up = "image_encoder.blocks.0.attn_adapter.up.weight"
+    got, want = restored.get_parameter(up), model.get_parameter(up)
+    assert got.dtype == torch.float64 and torch.equal(got, want.double())
+
+
+def test_description_checks(tiny, tmp_path):
+    model = apply_method(tiny(0), MedSAConfig(rank=4))
+    save_adapter(model, tmp_path / "a")
+    js = tmp_path / "a.json"
+    meta = json.loads(js.read_text(encoding="utf-8"))
+    for bad in ([meta], {**meta, "format": "other"}):
+        js.write_text(json.dumps(bad))
+        with pytest.raises(CheckpointError, match="is not a medsa adapter description"):
+            load_adapter(tiny(0), tmp_path / "a")
+    js.write_text(json.dumps({**meta, "format_version": 2, "medsa_version": "9.9"}))
+    with pytest.raises(CheckpointError, match=r"written by a newer medsa \(9\.9\); upgrade"):
+        load_adapter(tiny(0), tmp_path / "a")
+    js.write_text(json.dumps({**meta, "format_version": "1"}))
+    with pytest.raises(CheckpointError, match="invalid format_version '1'"):
+        load_adapter(tiny(0), tmp_path / "a")
+    js.write_text(json.dumps({k: v for k, v in meta.items() if k != "format_version"}))
+    load_adapter(tiny(0), tmp_path / "a")  # a description from before the version entry
+    js.write_text(json.dumps(meta))
+    (tmp_path / "a.safetensors").unlink()
+    with pytest.raises(CheckpointError, match=r"adapter weights .*a\.safetensors do not exist"):
+        load_adapter(tiny(0), tmp_path / "a")
+
+
+def test_mismatch_messages_list_a_few_keys_and_count_the_rest(tiny, tmp_path):
+    model = apply_method(tiny(0), MedSAConfig(rank=4))
+    save_adapter(model, tmp_path / "a")
+    tensors = load_file(str(tmp_path / "a.safetensors"))
+    names = sorted(tensors)
+    kept = {k: v for k, v in tensors.items() if k not in names[:7]}
+    save_file({**kept, "x.a": torch.zeros(1)}, str(tmp_path / "a.safetensors"))
+    with pytest.raises(CheckpointError) as err:
+        load_adapter(tiny(0), tmp_path / "a")
+    assert str(err.value).endswith(f"missing {', '.join(names[:5])} (+2 more); unexpected x.a")
+    save_file({k: v for k, v in tensors.items() if k != names[0]}, str(tmp_path / "a.safetensors"))
+    with pytest.raises(CheckpointError) as err:
+        load_adapter(tiny(0), tmp_path / "a")
+    assert str(err.value).endswith(f"missing {names[0]}")  # no count, no separator
+
+    grown = {k: torch.zeros(*v.shape, 2) for k, v in tensors.items()}
+    save_file(grown, str(tmp_path / "a.safetensors"))
+    with pytest.raises(CheckpointError) as err:
+        load_adapter(tiny(0), tmp_path / "a")
+    listed = str(err.value).split("have wrong shapes: ")[1].split("; ")
+    assert len(listed) == 5 and all(" vs model (" in item for item in listed)

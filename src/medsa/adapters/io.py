@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from medsa._fs import atomic_write
+from medsa._fs import atomic_write, atomic_write_text
 from medsa.errors import CheckpointError, ConfigError, MedsaError
 
 from .apply import apply_method, get_method
@@ -46,7 +46,7 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
         fully_trained[top] = fully_trained.get(top, True) and p.requires_grad
         if p.requires_grad or in_adapter(name):
             out[name] = p
-    persistent = set(model.state_dict(keep_vars=True))
+    persistent = set(model.state_dict())
     for name, b in model.named_buffers():
         keep = in_adapter(name) or fully_trained.get(name.split(".", 1)[0], False)
         if keep and name in persistent and name not in out:
@@ -98,7 +98,7 @@ def save_adapter(
             raise ConfigError(f"adapter inference settings are not JSON data: {e}") from None
         meta["inference"] = dict(inference)
     atomic_write(st_path, lambda tmp: save_file(tensors, tmp, metadata={"format": FORMAT}))
-    atomic_write(json_path, lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=2) + "\n"))
+    atomic_write_text(json_path, json.dumps(meta, indent=2) + "\n")
     return st_path
 
 
@@ -113,7 +113,10 @@ def read_adapter_meta(path: str | Path) -> dict[str, Any]:
         raise CheckpointError(f"adapter description {json_path} is unreadable: {e}") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise CheckpointError(f"{json_path} is not a medsa adapter description")
-    if meta.get("format_version", 0) > FORMAT_VERSION:
+    version = meta.get("format_version", 0)  # 0: written before the version entry existed
+    if not isinstance(version, int):
+        raise CheckpointError(f"{json_path} has an invalid format_version {version!r}")
+    if version > FORMAT_VERSION:
         raise CheckpointError(
             f"{json_path} was written by a newer medsa ({meta.get('medsa_version')}); upgrade medsa"
         )
@@ -193,5 +196,5 @@ def load_adapter(
         )
     with torch.no_grad():
         for k, v in expected.items():
-            v.copy_(tensors[k].to(device=v.device, dtype=v.dtype))
+            v.copy_(tensors[k])  # copy_ casts to the model's dtype and device
     return model

@@ -33,6 +33,8 @@ RECIPES: dict[str, list[str]] = {
     "preset": [],
     "preset_lr3e-3": ["optim.lr=3.0e-3"],
     "preset_1pt-heavy": ["prompts.protocols={1pt: 0.6, 3pt: 0.2, bbox0.75: 0.2}"],
+    # "method.<field>=<value>" changes the method section that reproduce builds for the cell
+    "preset_decoder-rank64": ["method.decoder_rank=64"],
 }
 
 
@@ -45,9 +47,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--at", default="0,24,48,96", help="steps at which to evaluate")
     p.add_argument("--val-cases", type=int, default=24)
     p.add_argument("--method", default="medsa-hyp", help="reproduce method of preset_* recipes")
+    p.add_argument("--blocks", help="encoder blocks with adapters in preset_* recipes (1-based, "
+                   "e.g. 5-10; default: the preset's); one frozen-prefix cache per run")  # fmt: skip
     args = p.parse_args(argv)
 
     import torch
+    import yaml
 
     from medsa.data.datasets import load_dataset
     from medsa.engine.config import load_config
@@ -63,12 +68,20 @@ def main(argv: list[str] | None = None) -> int:
     info = load_dataset(args.data)
     root = Path(args.data)
     preset = dataclasses.replace(PRESETS["cpu"], steps=args.steps)
+    if args.blocks:
+        preset = dataclasses.replace(preset, blocks=args.blocks)
     cache = new_prefix_cache(ReproduceSpec(preset, [root], [args.method], out=out))
     for name in args.recipes.split(","):
         if name.startswith("preset"):  # exactly reproduce's cell, with the recipe's overrides
             sets = RECIPES[name]
-            spec = ReproduceSpec(preset, [root], [args.method], out=out, overrides=sets)
+            method_sets = dict(m.removeprefix("method.").split("=", 1) for m in sets
+                               if m.startswith("method."))  # fmt: skip
+            config_sets = [m for m in sets if not m.startswith("method.")]
+            spec = ReproduceSpec(preset, [root], [args.method], out=out, overrides=config_sets)
             cfg = cell_train_config(spec, root, args.method, 0, out / name, info)
+            if method_sets:  # replace() validates the changed method section
+                changed = {k: yaml.safe_load(v) for k, v in method_sets.items()}
+                cfg = dataclasses.replace(cfg, method={**cfg.method, **changed})
         else:
             sets = [*RECIPES[name], "train.batch_size=2", "prompts.clicks=1",
                     "optim.warmup_steps=5", "train.val_every=0", "logging.tensorboard=false",
@@ -82,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
         assert not set(val) & set(split["test"])
         tr = Trainer(cfg, train_set, None, model=model, prefix_cache=cache)
         rec = {"recipe": name, "overrides": sets, "method": cfg.method, "val_cases": val,
-               "curve": []}  # fmt: skip
+               "blocks": preset.blocks, "curve": []}  # fmt: skip
         t0 = time.time()
         for s in at:
             if s > tr.step:

@@ -159,3 +159,61 @@ def test_each_adapter_kind_counts_its_tunable_parameters():
         k: v for k, v in before.adapters.items() if k != kind
     }
     assert after.tunable == before.tunable - n_kind and after.total == before.total
+
+
+@pytest.mark.parametrize(
+    "argv, expected",
+    [
+        (["--method", "medsa"], {"method": "medsa"}),
+        (
+            ["--method", "medsa", "--rank", "4", "--blocks", "1-2", "--positions", "mlp",
+             "--sd-fusion", "concat", "--prompt-conditioning", "add", "--no-decoder-adapters"],
+            {"method": "medsa", "rank": 4, "blocks": "1-2", "positions": "mlp", "sd_trans": True,
+             "sd_fusion": "concat", "prompt_conditioning": "add", "decoder_adapters": False},
+        ),
+        (["--method", "medsa", "--sd-trans"], {"method": "medsa", "sd_trans": True}),
+        (["--method", "masam", "--rank", "8", "--num-classes", "3"],
+         {"method": "masam", "fact_rank": 8, "num_classes": 3}),
+        # options of another method are not passed on
+        (["--method", "lora", "--rank", "2", "--positions", "mlp", "--sd-trans",
+          "--num-classes", "3", "--no-decoder-adapters"], {"method": "lora", "rank": 2}),
+        (["--method", "full", "--rank", "4", "--blocks", "1"], {"method": "full"}),
+        (["--method", "zeroshot", "--rank", "4"], {"method": "zeroshot"}),
+    ],
+)  # fmt: skip
+def test_cli_params_options_build_the_method_section(argv, expected):
+    import argparse
+
+    from medsa.adapters.cli import _method_dict, add_arguments
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    assert args.backbone == "vit_h" and not args.json and args.config is None
+    assert _method_dict(args) == expected
+
+
+def test_cli_params_json_and_table_report_the_counts(capsys):
+    cfg = MedSAConfig(rank=4, blocks="1")
+    counts = count_parameters(_meta("vit_tiny", cfg))
+    argv = ["params", "--backbone", "vit_tiny", "--rank", "4", "--blocks", "1"]
+    assert medsa_main([*argv, "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data == {
+        "backbone": "vit_tiny",
+        "method": method_to_dict(cfg),
+        "modules": {k: {"total": t, "tunable": u} for k, (t, u) in counts.modules.items()},
+        "adapters": {k: {"total": t, "tunable": u} for k, (t, u) in counts.adapters.items()},
+        "total": counts.total,
+        "tunable": counts.tunable,
+        "pretrained": counts.backbone,
+    }
+    assert data["tunable"] > 0 and data["pretrained"] > 0
+
+    assert medsa_main(argv) == 0
+    first, *rest = capsys.readouterr().out.splitlines()
+    opts = ", ".join(f"{k}={v}" for k, v in method_to_dict(cfg).items() if k != "method")
+    assert first == f"backbone vit_tiny, method medsa ({opts})"
+    assert "\n".join(rest) == counts.format()
+    assert medsa_main(["params", "--backbone", "vit_tiny", "--method", "zeroshot"]) == 0
+    assert capsys.readouterr().out.splitlines()[0] == "backbone vit_tiny, method zeroshot"

@@ -42,13 +42,13 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     out: dict[str, torch.Tensor] = {}
     fully_trained: dict[str, bool] = {}
     for name, p in model.named_parameters():
-        top = name.split(".", 1)[0]
+        top = name.partition(".")[0]
         fully_trained[top] = fully_trained.get(top, True) and p.requires_grad
         if p.requires_grad or in_adapter(name):
             out[name] = p
     persistent = set(model.state_dict())
     for name, b in model.named_buffers():
-        keep = in_adapter(name) or fully_trained.get(name.split(".", 1)[0], False)
+        keep = in_adapter(name) or fully_trained.get(name.partition(".")[0], False)
         if keep and name in persistent and name not in out:
             out[name] = b
     return out

@@ -217,3 +217,25 @@ def test_cli_params_json_and_table_report_the_counts(capsys):
     assert "\n".join(rest) == counts.format()
     assert medsa_main(["params", "--backbone", "vit_tiny", "--method", "zeroshot"]) == 0
     assert capsys.readouterr().out.splitlines()[0] == "backbone vit_tiny, method zeroshot"
+
+
+def test_cli_params_accepts_every_value_of_each_option():
+    """The paper's option values (Table 5 / 6 / 8), written out here, all reach a valid config."""
+    import argparse
+
+    from medsa.adapters.cli import _method_dict, add_arguments
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    for flag, field, values in [
+        ("--positions", "positions", ["main", "mlp", "both"]),
+        ("--sd-fusion", "sd_fusion", ["add", "concat", "cross_attn"]),
+        ("--prompt-conditioning", "prompt_conditioning", ["hyper", "add", "concat", "none"]),
+    ]:
+        for value in values:
+            d = _method_dict(parser.parse_args(["--method", "medsa", flag, value]))
+            assert d[field] == value and getattr(method_from_dict(d), field) == value
+    for tag in ["medsa", "masam", "lora", "full", "zeroshot"]:
+        assert method_from_dict(_method_dict(parser.parse_args(["--method", tag]))).method == tag
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--sd-fusion", "mean"])

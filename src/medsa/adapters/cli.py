@@ -10,9 +10,9 @@ import argparse
 import json
 from typing import Any
 
-HELP = "print total / tunable parameter counts of a backbone + method"
+from .config import METHODS, POSITIONS, PROMPT_CONDITIONINGS, SD_FUSIONS
 
-_METHOD_CHOICES = ("medsa", "masam", "lora", "full", "zeroshot")
+HELP = "print total / tunable parameter counts of a backbone + method"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -21,7 +21,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default="vit_h",
         help="vit_b | vit_l | vit_h | vit_tiny | lite_medsam (default vit_h)",
     )
-    parser.add_argument("--method", default="medsa", choices=_METHOD_CHOICES)
+    parser.add_argument("--method", default="medsa", choices=tuple(METHODS))
     parser.add_argument(
         "--rank",
         type=int,
@@ -33,17 +33,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--positions",
-        choices=("main", "mlp", "both"),
+        choices=POSITIONS,
         default=None,
         help="Med-SA adapter positions",
     )
     parser.add_argument(
         "--sd-trans", action="store_true", help="Med-SA: add the SD-Trans depth branch"
     )
-    parser.add_argument("--sd-fusion", choices=("add", "concat", "cross_attn"), default=None)
+    parser.add_argument("--sd-fusion", choices=SD_FUSIONS, default=None)
     parser.add_argument(
         "--prompt-conditioning",
-        choices=("hyper", "add", "concat", "none"),
+        choices=PROMPT_CONDITIONINGS,
         default=None,
         help="Med-SA decoder HyP-Adpt mode",
     )

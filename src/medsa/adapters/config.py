@@ -30,6 +30,12 @@ __all__ = [
 ]
 
 
+#: Med-SA option values (shared with ``medsa params``' choices and the modules' checks)
+POSITIONS: tuple[str, ...] = ("main", "mlp", "both")
+SD_FUSIONS: tuple[str, ...] = ("add", "concat", "cross_attn")
+PROMPT_CONDITIONINGS: tuple[str, ...] = ("hyper", "add", "concat", "none")
+
+
 def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
     if value not in choices:
         raise ConfigError(f"{name} must be one of {', '.join(choices)}; got {value!r}")
@@ -147,14 +153,12 @@ class MedSAConfig:
         if self.rank is None and self.ratio is None:
             raise ConfigError("set either rank or ratio for the adapter bottleneck")
         _check_blocks_syntax(self.blocks)
-        _check_choice("positions", self.positions, ("main", "mlp", "both"))
+        _check_choice("positions", self.positions, POSITIONS)
         _check_positive("scale", self.scale)
         _check_choice("activation", self.activation, ("relu", "gelu"))
-        _check_choice("sd_fusion", self.sd_fusion, ("add", "concat", "cross_attn"))
+        _check_choice("sd_fusion", self.sd_fusion, SD_FUSIONS)
         _check_int("sd_rank", self.sd_rank, allow_none=True)
-        _check_choice(
-            "prompt_conditioning", self.prompt_conditioning, ("hyper", "add", "concat", "none")
-        )
+        _check_choice("prompt_conditioning", self.prompt_conditioning, PROMPT_CONDITIONINGS)
         _check_int("decoder_rank", self.decoder_rank, allow_none=True)
         if self.decoder_rank == 1 and self.prompt_conditioning == "hyper":
             raise ConfigError(

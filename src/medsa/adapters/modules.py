@@ -19,6 +19,8 @@ from torch import nn
 
 from medsa.errors import DataError
 
+from .config import PROMPT_CONDITIONINGS, SD_FUSIONS
+
 __all__ = [
     "ACTIVATIONS",
     "Adapter",
@@ -142,7 +144,7 @@ class HyPAdapter(AdapterModule):
     """
 
     kind = "hyp_adapter"
-    MODES = ("hyper", "add", "concat", "none")
+    MODES = PROMPT_CONDITIONINGS
     SHAPES = ("square", "paper")
 
     def __init__(
@@ -265,7 +267,7 @@ class SDTrans(AdapterModule):
     """
 
     kind = "sd_trans"
-    FUSIONS = ("add", "concat", "cross_attn")
+    FUSIONS = SD_FUSIONS
 
     def __init__(
         self,

@@ -281,14 +281,28 @@ def test_mismatch_messages_list_a_few_keys_and_count_the_rest(tiny, tmp_path):
     with pytest.raises(CheckpointError) as err:
         load_adapter(tiny(0), tmp_path / "a")
     assert str(err.value).endswith(f"missing {', '.join(names[:5])} (+2 more); unexpected x.a")
-    save_file({k: v for k, v in tensors.items() if k != names[0]}, str(tmp_path / "a.safetensors"))
+    for n_missing, tail in [(1, ""), (5, ""), (6, " (+1 more)")]:  # no count up to five keys
+        gone = names[:n_missing]
+        save_file(
+            {k: v for k, v in tensors.items() if k not in gone}, str(tmp_path / "a.safetensors")
+        )
+        with pytest.raises(CheckpointError) as err:
+            load_adapter(tiny(0), tmp_path / "a")
+        assert str(err.value).endswith(f"on 'vit_tiny': missing {', '.join(gone[:5])}{tail}")
+    save_file({**tensors, "x.a": torch.zeros(1)}, str(tmp_path / "a.safetensors"))
     with pytest.raises(CheckpointError) as err:
         load_adapter(tiny(0), tmp_path / "a")
-    assert str(err.value).endswith(f"missing {names[0]}")  # no count, no separator
+    assert str(err.value).endswith("on 'vit_tiny': unexpected x.a")  # nothing about missing
 
     grown = {k: torch.zeros(*v.shape, 2) for k, v in tensors.items()}
     save_file(grown, str(tmp_path / "a.safetensors"))
     with pytest.raises(CheckpointError) as err:
         load_adapter(tiny(0), tmp_path / "a")
     listed = str(err.value).split("have wrong shapes: ")[1].split("; ")
-    assert len(listed) == 5 and all(" vs model (" in item for item in listed)
+    assert len(listed) == 5
+    for item in listed:
+        key, shapes = item.split(": file ")
+        assert (
+            key in tensors
+            and shapes == f"{tuple(grown[key].shape)} vs model {tuple(tensors[key].shape)}"
+        )

@@ -145,13 +145,13 @@ class MedSAConfig:
     train_prompt_encoder: bool = False
 
     def __post_init__(self) -> None:
+        if self.rank is None and self.ratio is None:
+            raise ConfigError("set either rank or ratio for the adapter bottleneck")
         _check_int("rank", self.rank, allow_none=self.ratio is not None)
         if self.ratio is not None and not (
             isinstance(self.ratio, (int, float)) and 0 < self.ratio <= 4
         ):
             raise ConfigError(f"ratio must be in (0, 4]; got {self.ratio!r}")
-        if self.rank is None and self.ratio is None:
-            raise ConfigError("set either rank or ratio for the adapter bottleneck")
         _check_blocks_syntax(self.blocks)
         _check_choice("positions", self.positions, POSITIONS)
         _check_positive("scale", self.scale)

@@ -237,5 +237,7 @@ def test_cli_params_accepts_every_value_of_each_option():
             assert d[field] == value and getattr(method_from_dict(d), field) == value
     for tag in ["medsa", "masam", "lora", "full", "zeroshot"]:
         assert method_from_dict(_method_dict(parser.parse_args(["--method", tag]))).method == tag
-    with pytest.raises(SystemExit):
-        parser.parse_args(["--sd-fusion", "mean"])
+    for bad in (["--method", "dora"], ["--positions", "attn"], ["--sd-fusion", "mean"],
+                ["--prompt-conditioning", "film"]):  # fmt: skip
+        with pytest.raises(SystemExit):  # argparse names the valid values
+            parser.parse_args(bad)

@@ -105,7 +105,7 @@ def test_masam_dropout_and_kernel():
 def test_lora_targets():
     for ok in ("q", "k", "v", "qv", "qkv"):
         assert LoRAConfig(targets=ok).targets == ok
-    for bad in ("", "qx", "o"):
+    for bad in ("", "qx", "o", "X"):
         with pytest.raises(ConfigError, match=f"^targets must be letters of 'qkv'.*got {bad!r}$"):
             LoRAConfig(targets=bad)
     # a type dataclass init cannot handle is still a ConfigError through method_from_dict

@@ -172,6 +172,8 @@ def test_adapter_state_dict_keeps_exactly_the_methods_tensors():
     net.adapter = Adapter(2, 1)
     net.adapter.register_buffer("table", torch.zeros(3))
     net.register_buffer("scratch", torch.zeros(1), persistent=False)
+    net.trained.register_buffer("cache", torch.zeros(1), persistent=False)  # not state: not kept
+    net.adapter.register_buffer("lookup", torch.zeros(1), persistent=False)
     net.partly[0].weight.requires_grad_(False)
     net.adapter.down.weight.requires_grad_(False)  # a frozen adapter tensor is still the method's
 

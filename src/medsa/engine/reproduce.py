@@ -245,9 +245,10 @@ def _write_json_atomic(path: Path, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2) + "\n")
 
 
-def _cell_dir(spec: ReproduceSpec, root: Path, method: str) -> Path:
-    """``<out>/cells/<dataset>/<method>``: ``seed<k>.json`` records, ``seed<k>_run/`` runs."""
-    return spec.out / "cells" / root.name / method
+def _cell_file(spec: ReproduceSpec, root: Path, method: str, seed: int) -> Path:
+    """``<out>/cells/<dataset>/<method>/seed<k>.json``, the cell's record (its run folder is
+    ``seed<k>_run/`` beside it)."""
+    return spec.out / "cells" / root.name / method / f"seed{seed}.json"
 
 
 def _stored_cell(cell_file: Path, signature: str) -> dict[str, Any] | None:
@@ -266,7 +267,7 @@ def _stored_cell(cell_file: Path, signature: str) -> dict[str, Any] | None:
 def finished_cell(spec: ReproduceSpec, root: Path, method: str, seed: int) -> dict[str, Any] | None:
     """The stored record of a cell finished with exactly these settings (``"cached": True``),
     else None."""
-    cell_file = _cell_dir(spec, root, method) / f"seed{seed}.json"
+    cell_file = _cell_file(spec, root, method, seed)
     return _stored_cell(cell_file, _signature(spec, root, method, seed))
 
 
@@ -292,7 +293,7 @@ def run_cell(
 
     name = root.name
     sig = _signature(spec, root, method, seed)
-    cell_file = _cell_dir(spec, root, method) / f"seed{seed}.json"
+    cell_file = _cell_file(spec, root, method, seed)
     old = _stored_cell(cell_file, sig)
     if old is not None:
         return old

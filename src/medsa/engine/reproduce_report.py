@@ -152,7 +152,8 @@ def plot_dice_vs_params(spec: Any, records: list[dict[str, Any]], path: Path) ->
 
     plt = _plt()
     methods = _order(records, "method", list(spec.methods))
-    markers = {m: "osD^vP*Xh<>"[i % 11] for i, m in enumerate(methods)}
+    shapes = "osD^vP*Xh<>"
+    markers = {m: shapes[i % len(shapes)] for i, m in enumerate(methods)}
     fig, ax = plt.subplots(figsize=(6.5, 4))
     for k, prot in enumerate(spec.protocols):
         color = f"C{k}"
